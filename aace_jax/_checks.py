@@ -1,0 +1,35 @@
+"""Argument checks shared by the losses and the transformations.
+
+Every check runs in Python, at trace time, so a bad value is reported before
+XLA compiles anything. Values that are traced (a hyperparameter injected by
+`optax.inject_hyperparams` under `jax.jit`, say) cannot be inspected and are
+let through.
+"""
+
+import numbers
+
+import jax
+import numpy as np
+
+
+def is_concrete(value) -> bool:
+  """True when `value` can be read on the host without tracing."""
+  return not isinstance(value, jax.core.Tracer)
+
+
+def check_in_range(owner: str, name: str, value, low: float, high: float):
+  """Raises `ValueError` unless `low <= value <= high` (when concrete)."""
+  if callable(value):
+    raise TypeError(
+        f"{owner}: {name} must be a number, got the callable {value!r}; wrap"
+        " the transformation in optax.inject_hyperparams to schedule it."
+    )
+  if not is_concrete(value):
+    return
+  array = np.asarray(value)
+  if array.shape != ():
+    raise ValueError(f"{owner}: {name} must be a scalar, got shape {array.shape}.")
+  if not (isinstance(value, numbers.Real) or np.issubdtype(array.dtype, np.number)):
+    raise TypeError(f"{owner}: {name} must be a real number, got {value!r}.")
+  if not low <= float(array) <= high:
+    raise ValueError(f"{owner}: {name} must lie in [{low}, {high}], got {value!r}.")

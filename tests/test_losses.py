@@ -1,0 +1,228 @@
+"""The losses against hand-derived values and a NumPy statement of the authors' code."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import aace_jax
+
+
+def softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def authors_targets(z, y, th=0.0, mode="ada", uniform=None):
+  """The authors' `AdaptiveAdversrialCrossEntropy` target, restated in NumPy (float64)."""
+  p = softmax(z)
+  onehot = np.eye(z.shape[-1])[y]
+  pp = (p * onehot).sum(-1, keepdims=True)
+  pp_adv = pp - np.maximum(pp - th, 0)
+  if mode == "ada":
+    ad = p * (1 - onehot)
+  elif mode == "const":
+    ad = 1 - onehot
+  else:
+    ad = uniform * (1 - onehot)
+  return pp_adv * onehot + ad / ad.sum(-1, keepdims=True)
+
+
+def soft_ce(z, q):
+  logp = z - z.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  return -(q * logp).sum(-1)
+
+
+RNG = np.random.default_rng(0)
+LOGITS = RNG.normal(size=(6, 5)) * 3
+LABELS = np.array([0, 1, 2, 3, 4, 2])
+
+
+def test_ada_two_classes_hand_value():
+  # Two classes: q is the other class's one-hot, so L = -log(1 - p_y) exactly.
+  p_y = 0.9
+  logits = jnp.log(jnp.array([[p_y, 1 - p_y]]))
+  loss = aace_jax.aace_cross_entropy(logits, jnp.array([0]))
+  np.testing.assert_allclose(loss, [-np.log(1 - p_y)], rtol=1e-6)
+
+
+def test_ada_three_classes_hand_value():
+  # p = (0.5, 0.3, 0.2), y = 0: q = (0, 0.6, 0.4).
+  # L = -(0.6 log 0.3 + 0.4 log 0.2) = H(q) - log(1 - p_y).
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+  q = aace_jax.aace_targets(logits, jnp.array([0]))
+  np.testing.assert_allclose(q, [[0.0, 0.6, 0.4]], atol=1e-7)
+  loss = aace_jax.aace_cross_entropy(logits, jnp.array([0]))
+  expected = -(0.6 * np.log(0.3) + 0.4 * np.log(0.2))
+  entropy_q = -(0.6 * np.log(0.6) + 0.4 * np.log(0.4))
+  np.testing.assert_allclose(loss, [expected], rtol=1e-6)
+  np.testing.assert_allclose(expected - entropy_q, -np.log(0.5), rtol=1e-12)
+
+
+def test_const_mode_hand_value():
+  # const: q = 1/(C-1) on every other class; L = -mean_{j != y} log p_j.
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+  loss = aace_jax.aace_cross_entropy(logits, jnp.array([1]), mode="const")
+  np.testing.assert_allclose(loss, [-(np.log(0.5) + np.log(0.2)) / 2], rtol=1e-6)
+  q = aace_jax.aace_targets(logits, jnp.array([1]), mode="const")
+  np.testing.assert_allclose(q, [[0.5, 0.0, 0.5]])
+
+
+@pytest.mark.parametrize("mode", ["ada", "const"])
+@pytest.mark.parametrize("threshold", [0.0, 0.1, 0.5, 1.0])
+def test_targets_match_authors(mode, threshold):
+  with jax.enable_x64(True):
+    q = np.asarray(aace_jax.aace_targets(LOGITS, LABELS, threshold=threshold, mode=mode))
+    loss = np.asarray(aace_jax.aace_cross_entropy(LOGITS, LABELS, threshold=threshold, mode=mode))
+  expected_q = authors_targets(LOGITS, LABELS, threshold, mode)
+  np.testing.assert_allclose(q, expected_q, rtol=1e-12, atol=1e-15)
+  np.testing.assert_allclose(loss, soft_ce(LOGITS, expected_q), rtol=1e-12)
+  # The other classes are normalized on their own: the target sums to 1 + q_y.
+  p_y = softmax(LOGITS)[np.arange(6), LABELS]
+  np.testing.assert_allclose(np.sum(q, -1), 1 + np.minimum(p_y, threshold), rtol=1e-12)
+
+
+def test_rand_mode():
+  key = jax.random.key(3)
+  with jax.enable_x64(True):
+    q = np.asarray(aace_jax.aace_targets(LOGITS, LABELS, mode="rand", key=key))
+    uniform = 1 - np.asarray(jax.random.uniform(key, LOGITS.shape, jnp.float64))
+  np.testing.assert_allclose(q, authors_targets(LOGITS, LABELS, 0.0, "rand", uniform), rtol=1e-12)
+  onehot = np.eye(5)[LABELS]
+  assert np.all(q[onehot == 1] == 0) and np.all(q[onehot == 0] > 0)
+  other_key = aace_jax.aace_targets(LOGITS, LABELS, mode="rand", key=jax.random.key(4))
+  assert not np.allclose(q, other_key)
+
+
+def test_rand_needs_key():
+  with pytest.raises(ValueError, match="needs key"):
+    aace_jax.aace_cross_entropy(LOGITS, LABELS, mode="rand")
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+@pytest.mark.parametrize("mode", ["ada", "const", "rand"])
+def test_logit_gradient_is_p_minus_q(mode, threshold):
+  key = jax.random.key(0)
+  with jax.enable_x64(True):
+    grad = np.asarray(jax.grad(
+        lambda z: aace_jax.aace_cross_entropy(z, LABELS, threshold=threshold, mode=mode, key=key).sum()
+    )(jnp.asarray(LOGITS)))
+    q = np.asarray(aace_jax.aace_targets(LOGITS, LABELS, threshold=threshold, mode=mode, key=key))
+  p = softmax(LOGITS)
+  # d/dz of -sum q log softmax(z) is (sum q) p - q; (sum q) is 1 when threshold is 0.
+  np.testing.assert_allclose(grad, q.sum(-1, keepdims=True) * p - q, rtol=1e-10, atol=1e-14)
+
+
+def test_targets_have_no_gradient():
+  grad = jax.grad(lambda z: aace_jax.aace_targets(z, LABELS).sum())(jnp.asarray(LOGITS, jnp.float32))
+  assert np.all(np.asarray(grad) == 0)
+
+
+def test_gradient_grows_with_confidence_while_ce_shrinks():
+  # Four classes, the true class at logit t: p_y rises with t.
+  sweep = np.linspace(-2.0, 8.0, 21)
+  logits = jnp.array([[t, 0.3, -0.2, 0.1] for t in sweep])
+  labels = jnp.zeros(len(sweep), jnp.int32)
+  aace_grad = jax.vmap(jax.grad(lambda z, y: aace_jax.aace_cross_entropy(z, y)))(logits, labels)
+  ce_grad = jax.vmap(jax.grad(lambda z, y: aace_jax.cross_entropy(z, y)))(logits, labels)
+  aace_norm = np.linalg.norm(aace_grad, axis=-1)
+  ce_norm = np.linalg.norm(ce_grad, axis=-1)
+  assert np.all(np.diff(aace_norm) > 0)
+  assert np.all(np.diff(ce_norm) < 0)
+  # The paper's bound: p_y <= ||p - q|| <= sqrt(2) p_y.
+  p_y = softmax(np.asarray(logits))[:, 0]
+  assert np.all(aace_norm >= p_y * (1 - 1e-6)) and np.all(aace_norm <= np.sqrt(2) * p_y * (1 + 1e-6))
+
+
+def test_cross_entropy_hand_values_and_smoothing():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+  np.testing.assert_allclose(aace_jax.cross_entropy(logits, jnp.array([1])), [-np.log(0.3)], rtol=1e-6)
+  # Authors' smoothing: 1 - s on the true class, s / (C - 1) elsewhere.
+  smoothed = aace_jax.cross_entropy(logits, jnp.array([1]), label_smoothing=0.2)
+  expected = -(0.8 * np.log(0.3) + 0.1 * np.log(0.5) + 0.1 * np.log(0.2))
+  np.testing.assert_allclose(smoothed, [expected], rtol=1e-6)
+
+
+def test_losses_are_per_example():
+  logits = jnp.zeros((2, 3, 4))
+  labels = jnp.zeros((2, 3), jnp.int32)
+  assert aace_jax.aace_cross_entropy(logits, labels).shape == (2, 3)
+  assert aace_jax.cross_entropy(logits, labels).shape == (2, 3)
+  np.testing.assert_allclose(aace_jax.cross_entropy(logits, labels), np.log(4), rtol=1e-6)
+
+
+EXTREME_LOGITS = [([[80.0, 0.0, 0.0]], 0), ([[-80.0, 80.0, 0.0]], 0), ([[-80.0, 80.0, 0.0]], 1)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("logits, label", EXTREME_LOGITS)
+def test_extreme_logits_are_finite(dtype, logits, label):
+  z = jnp.asarray(logits, dtype)
+  y = jnp.array([label])
+  for fn in (aace_jax.aace_cross_entropy, aace_jax.cross_entropy):
+    loss, grad = jax.value_and_grad(lambda z: fn(z, y).sum())(z)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    assert np.all(np.isfinite(np.asarray(loss, np.float32)))
+    assert np.all(np.isfinite(np.asarray(grad, np.float32)))
+  # [80, 0, 0] with y = 0: q = (0, 1/2, 1/2), L = H(q) - log(1 - p_y) = log 2 + (80 - log 2).
+  if logits == [[80.0, 0.0, 0.0]]:
+    loss = aace_jax.aace_cross_entropy(z, y)
+    np.testing.assert_allclose(np.asarray(loss, np.float32), [80.0], rtol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(mode="adaptive"), ValueError, "mode must be one of .* got 'adaptive'"),
+        (dict(threshold=1.5), ValueError, r"threshold must lie in \[0.0, 1.0\], got 1.5"),
+        (dict(threshold=-0.1), ValueError, "got -0.1"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    aace_jax.aace_cross_entropy(LOGITS, LABELS, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "logits, labels, error, match",
+    [
+        (np.zeros((4, 1)), np.zeros(4, int), ValueError, r"at least 2 classes, got shape \(4, 1\)"),
+        (np.zeros((4, 3), int), np.zeros(4, int), TypeError, "floating point, got dtype int"),
+        (np.zeros((4, 3)), np.zeros((4, 1), int), ValueError, r"labels of shape \(4, 1\)"),
+        (np.zeros((4, 3)), np.zeros(5, int), ValueError, r"expected labels of shape \(4,\)"),
+        (np.zeros((4, 3)), np.zeros(4), TypeError, "integer class indices, got dtype float"),
+    ],
+)
+@pytest.mark.parametrize("fn", [aace_jax.aace_cross_entropy, aace_jax.cross_entropy, aace_jax.aace_targets])
+def test_bad_inputs_raise_before_compiling(fn, logits, labels, error, match):
+  with pytest.raises(error, match=match):
+    jax.jit(fn)(logits, labels)
+
+
+def test_bad_label_smoothing():
+  with pytest.raises(ValueError, match="label_smoothing must lie in"):
+    aace_jax.cross_entropy(LOGITS, LABELS, label_smoothing=2.0)
+
+
+def test_out_of_range_labels_are_nan_under_jit():
+  logits = jnp.zeros((3, 4))
+  labels = jnp.array([0, 4, -1])
+  for fn in (aace_jax.aace_cross_entropy, aace_jax.cross_entropy):
+    loss, grad = jax.value_and_grad(lambda z: jax.jit(fn)(z, labels).sum())(logits)
+    assert np.isnan(loss)
+    per_example = jax.jit(fn)(logits, labels)
+    assert np.isfinite(per_example[0]) and np.all(np.isnan(per_example[1:]))
+    assert np.all(np.isnan(grad[1:]))
+
+
+def test_check_labels():
+  aace_jax.check_labels(np.array([[0, 1], [2, 1]]), 3)
+  with pytest.raises(ValueError, match=r"labels\[2\] = -1 is outside \[0, 3\) \(2 of 4"):
+    aace_jax.check_labels(np.array([0, 1, -1, 7]), 3)
+  with pytest.raises(ValueError, match=r"labels\[\(1, 0\)\] = 3"):
+    aace_jax.check_labels(np.array([[0, 1], [3, 1]]), 3)
+  with pytest.raises(TypeError, match="integers"):
+    aace_jax.check_labels(np.array([0.0, 1.0]), 3)
+  with pytest.raises(ValueError, match="at least 2"):
+    aace_jax.check_labels(np.array([0]), 1)
