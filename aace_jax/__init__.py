@@ -5,19 +5,37 @@ from aace_jax._losses import aace_cross_entropy
 from aace_jax._losses import aace_targets
 from aace_jax._losses import check_labels
 from aace_jax._losses import cross_entropy
+from aace_jax._parallel import pmap_train_step
+from aace_jax._parallel import replicate
+from aace_jax._parallel import shard_train_step
+from aace_jax._parallel import unreplicate
 from aace_jax._sam import SAMState
 from aace_jax._sam import aace_sam
 from aace_jax._sam import sam
+from aace_jax._train_step import ApplyFn
+from aace_jax._train_step import TrainState
+from aace_jax._train_step import linen_apply_fn
+from aace_jax._train_step import make_eval_step
+from aace_jax._train_step import make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = (
     "AACE_MODES",
+    "ApplyFn",
     "SAMState",
+    "TrainState",
     "aace_cross_entropy",
     "aace_sam",
     "aace_targets",
     "check_labels",
     "cross_entropy",
+    "linen_apply_fn",
+    "make_eval_step",
+    "make_train_step",
+    "pmap_train_step",
+    "replicate",
     "sam",
+    "shard_train_step",
+    "unreplicate",
 )

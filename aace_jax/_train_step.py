@@ -1,0 +1,312 @@
+"""One pure training step for SGD, SAM and AACE-SAM, and an evaluation step.
+
+The step is a pure function `(state, batch) -> (state, metrics)`: jit it,
+pmap it or shard_map it (see `_parallel.py`). Both passes, the perturbation,
+the optimizer update and the BatchNorm bookkeeping happen inside it, so a
+compiled step is one XLA program with no host round trip.
+"""
+
+import inspect
+from typing import Any, Callable, NamedTuple, Optional, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from aace_jax import _losses
+from aace_jax import _sam
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+PerExampleLoss = Callable[..., jax.Array]
+
+
+class ApplyFn(Protocol):
+  """`apply_fn(params, model_state, images, *, train, rng) -> (logits, new_model_state)`."""
+
+  def __call__(self, params, model_state, images, *, train: bool, rng: jax.Array) -> tuple[jax.Array, Any]:
+    ...
+
+
+class TrainState(NamedTuple):
+  """Everything a training step reads and writes; a pytree.
+
+  Attributes:
+    step: the number of steps taken, an int32 scalar.
+    params: the model's trainable parameters.
+    model_state: non-trainable model variables, e.g. ``{"batch_stats": ...}``
+      for BatchNorm; ``{}`` when there are none.
+    opt_state: the state of the optax transformation.
+    rng: the run's base PRNG key; the step derives its keys from it and
+      ``step`` (and the device index when mapped), so it never changes.
+  """
+
+  step: jax.Array
+  params: optax.Params
+  model_state: Any
+  opt_state: optax.OptState
+  rng: jax.Array
+
+  @classmethod
+  def create(cls, *, params, tx: optax.GradientTransformation, rng: jax.Array, model_state=None) -> "TrainState":
+    """A state at step 0 with `tx` initialized on `params`."""
+    return cls(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        model_state={} if model_state is None else model_state,
+        opt_state=tx.init(params),
+        rng=rng,
+    )
+
+
+def linen_apply_fn(module) -> ApplyFn:
+  """Adapts a Flax Linen module whose ``__call__`` takes ``train`` to `ApplyFn`.
+
+  ``params`` is the ``"params"`` collection and ``model_state`` holds the
+  other collections (``{"batch_stats": ...}``); in training they are mutable
+  and their new values are returned, and ``rng`` feeds the ``"dropout"``
+  stream.
+
+  Args:
+    module: a ``flax.linen.Module``.
+
+  Returns:
+    ``apply_fn(params, model_state, images, *, train, rng)``.
+  """
+
+  def apply_fn(params, model_state, images, *, train, rng):
+    variables = {"params": params, **model_state}
+    if train:
+      return module.apply(
+          variables, images, train=True, rngs={"dropout": rng}, mutable=list(model_state)
+      )
+    return module.apply(variables, images, train=False), model_state
+
+  return apply_fn
+
+
+def _accepts_key(loss_fn: PerExampleLoss) -> bool:
+  try:
+    return "key" in inspect.signature(loss_fn).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _calls_grad_fn(tx, opt_state, params) -> bool:
+  """Whether `tx.update` asks for `grad_fn` (a sharpness-aware transformation).
+
+  Decided by an abstract trace at trace time: no compiled work, no cost per step.
+  """
+  called = []
+
+  def record(w):
+    called.append(True)
+    return w
+
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  tx = optax.with_extra_args_support(tx)
+  jax.eval_shape(lambda g, s, p: tx.update(g, s, p, grad_fn=record), shapes, opt_state, shapes)
+  return bool(called)
+
+
+def _find_states(opt_state, kind) -> list:
+  is_kind = lambda x: isinstance(x, kind)
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=is_kind) if is_kind(s)]
+
+
+def _learning_rate(opt_state) -> Optional[jax.Array]:
+  for state in _find_states(opt_state, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)):
+    if "learning_rate" in state.hyperparams:
+      return jnp.asarray(state.hyperparams["learning_rate"], jnp.float32)
+  return None
+
+
+def _global_norm(tree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def make_train_step(
+    apply_fn: ApplyFn,
+    tx: optax.GradientTransformation,
+    *,
+    perturbation_loss: PerExampleLoss = _losses.aace_cross_entropy,
+    loss: PerExampleLoss = _losses.cross_entropy,
+    axis_name: Optional[str] = None,
+    sync_perturbation: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  r"""Builds a pure training step for SGD, SAM or AACE-SAM.
+
+  With ``tx`` a sharpness-aware transformation (:func:`aace_sam`,
+  :func:`sam`, or one that contains them, as in ``optax.chain`` or
+  ``optax.inject_hyperparams``):
+
+  1. first pass at :math:`w`: logits, the batch mean of ``perturbation_loss``
+     and its gradient; the model state (BatchNorm running statistics) comes
+     from this pass and no other;
+  2. ``tx`` perturbs :math:`w` and calls back for the gradient of the batch
+     mean of ``loss`` at :math:`w_{adv}`: the second pass normalizes with the
+     batch's statistics and its new running statistics are discarded;
+  3. ``tx``'s update is applied at :math:`w`.
+
+  With any other optax transformation the step is plain one-pass training on
+  ``loss``. ``perturbation_loss=cross_entropy`` with ``tx=sam(...)`` is
+  classic SAM. A loss that takes ``key`` (``aace_cross_entropy``) receives a
+  fresh key each step, for its ``"rand"`` mode.
+
+  Data parallel (``axis_name`` set, the step run under ``jax.pmap`` or
+  ``jax.shard_map`` with that axis): the final gradient, the metrics and the
+  new model state are averaged over the axis. ``sync_perturbation=True``
+  averages the first-pass gradient too, so the step equals one step on the
+  global batch; ``False`` keeps each device's perturbation local (SAM's
+  m-sharpness, with m the per-device batch). Averaging BatchNorm statistics
+  after the step keeps the replicas identical; each device still normalizes
+  with its own batch statistics during the step. Give ``tx`` no
+  ``batch_axis_name`` of its own here: the step does the averaging.
+
+  ``tx`` must call ``grad_fn`` at most once, in its own trace (``aace_sam``,
+  ``sam``, ``optax.chain`` and ``optax.inject_hyperparams`` do;
+  ``optax.MultiSteps`` calls it under ``lax.cond`` and is not supported here).
+
+  Args:
+    apply_fn: ``apply_fn(params, model_state, images, *, train, rng) ->
+      (logits, new_model_state)``; :func:`linen_apply_fn` adapts a Flax Linen
+      module.
+    tx: the optax transformation.
+    perturbation_loss: per-example loss of the first pass.
+    loss: per-example training loss of the second pass (of the only pass for
+      a plain optimizer).
+    axis_name: the mapped axis for data parallelism, or None on one device.
+    sync_perturbation: average the first-pass gradient over ``axis_name``.
+
+  Returns:
+    ``step(state, batch) -> (state, metrics)`` with ``batch = {"image",
+    "label"}``. ``metrics`` holds float32 scalars: ``ce_loss`` (``loss`` of
+    the first pass, for observation), ``perturbation_loss``, ``loss`` (at
+    :math:`w_{adv}`), ``accuracy`` (first pass), ``perturbation_grad_norm``,
+    ``perturbation_norm``, ``grad_norm`` (of the gradient given to the
+    optimizer) and ``learning_rate`` when ``tx`` injects one.
+  """
+  if not isinstance(sync_perturbation, bool):
+    raise TypeError(f"make_train_step: sync_perturbation must be a bool, got {sync_perturbation!r}.")
+  if axis_name is not None and not isinstance(axis_name, str):
+    raise TypeError(f"make_train_step: axis_name must be a str or None, got {axis_name!r}.")
+  tx = optax.with_extra_args_support(tx)
+  perturbation_takes_key = _accepts_key(perturbation_loss)
+
+  def average(tree):
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    images, labels = batch["image"], batch["label"]
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    model_rng, loss_rng = jax.random.split(rng)
+    sharpness_aware = _calls_grad_fn(tx, state.opt_state, state.params)
+
+    def first_pass(params):
+      logits, new_model_state = apply_fn(params, state.model_state, images, train=True, rng=model_rng)
+      if sharpness_aware:
+        extra = {"key": loss_rng} if perturbation_takes_key else {}
+        objective = perturbation_loss(logits, labels, **extra).mean()
+      else:
+        objective = loss(logits, labels).mean()
+      return objective, (logits, new_model_state)
+
+    (objective, (logits, new_model_state)), grads = jax.value_and_grad(first_pass, has_aux=True)(
+        state.params
+    )
+    ce_loss = loss(logits, labels).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    metrics = {"ce_loss": ce_loss, "accuracy": accuracy}
+
+    if sharpness_aware:
+      if sync_perturbation:
+        grads = average(grads)
+      # The perturbed pass's loss leaves tx.update through this trace-time
+      # record, so the step needs no third forward pass to report it.
+      perturbed = {}
+
+      def grad_fn(perturbed_params):
+        def second_pass(params):
+          logits, _ = apply_fn(params, state.model_state, images, train=True, rng=model_rng)
+          return loss(logits, labels).mean()
+
+        perturbed["loss"], perturbed_grads = jax.value_and_grad(second_pass)(perturbed_params)
+        perturbed_grads = average(perturbed_grads)
+        perturbed["grad_norm"] = _global_norm(perturbed_grads)
+        return perturbed_grads
+
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+      sam_states = _find_states(opt_state, _sam.SAMState)
+      metrics.update(
+          perturbation_loss=objective,
+          loss=perturbed["loss"],
+          grad_norm=perturbed["grad_norm"],
+          perturbation_grad_norm=sam_states[0].perturbation_grad_norm if sam_states else jnp.nan,
+          perturbation_norm=sam_states[0].perturbation_norm if sam_states else jnp.nan,
+      )
+    else:
+      grads = average(grads)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      extra = {"key": loss_rng} if perturbation_takes_key else {}
+      metrics.update(
+          perturbation_loss=perturbation_loss(logits, labels, **extra).mean(),
+          loss=objective,
+          grad_norm=_global_norm(grads),
+          perturbation_grad_norm=jnp.zeros([]),
+          perturbation_norm=jnp.zeros([]),
+      )
+    learning_rate = _learning_rate(opt_state)
+    if learning_rate is not None:
+      metrics["learning_rate"] = learning_rate
+    new_state = state._replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        model_state=average(new_model_state),
+        opt_state=opt_state,
+    )
+    return new_state, average({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
+
+  step.axis_name = axis_name
+  return step
+
+
+def make_eval_step(
+    apply_fn: ApplyFn,
+    *,
+    loss: PerExampleLoss = _losses.cross_entropy,
+    axis_name: Optional[str] = None,
+) -> Callable[[TrainState, Batch], Metrics]:
+  """Builds a pure evaluation step: summed loss and correct count of a batch.
+
+  ``batch["mask"]`` (optional, 1 for real examples, 0 for padding) lets the
+  last, padded batch of a dataset count exactly. Sums, not means, are
+  returned so the host adds batches without weighting; under ``axis_name``
+  they are summed over devices.
+
+  Args:
+    apply_fn: as for :func:`make_train_step`; called with ``train=False``.
+    loss: per-example loss.
+    axis_name: the mapped axis, or None on one device.
+
+  Returns:
+    ``eval_step(state, batch) -> {"loss_sum", "correct", "count"}``, float32.
+  """
+
+  def eval_step(state: TrainState, batch: Batch) -> Metrics:
+    images, labels = batch["image"], batch["label"]
+    mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
+    logits, _ = apply_fn(state.params, state.model_state, images, train=False, rng=state.rng)
+    # Padding rows may carry any label; zero their loss before it can be NaN.
+    safe_loss = jnp.where(mask > 0, loss(logits, jnp.where(mask > 0, labels, 0)), 0)
+    metrics = {
+        "loss_sum": jnp.sum(safe_loss.astype(jnp.float32) * mask),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+        "count": jnp.sum(mask),
+    }
+    return metrics if axis_name is None else jax.lax.psum(metrics, axis_name)
+
+  eval_step.axis_name = axis_name
+  eval_step.returns_state = False
+  return eval_step

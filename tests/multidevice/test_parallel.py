@@ -1,0 +1,167 @@
+"""pmap and shard_map steps on 8 fake CPU devices against single-device computations.
+
+Run through tests/test_multidevice.py, which sets
+XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import aace_jax
+from tests.helpers import BatchNormNet, first_pass_batch_stats, hand_step, make_batch, mlp_apply, mlp_params
+
+DEVICES = 8
+BATCH = 64
+
+METHODS = {
+    "aace_sam": (lambda: aace_jax.aace_sam(optax.sgd(0.1, momentum=0.9), 0.2), aace_jax.aace_cross_entropy),
+    "sam": (lambda: aace_jax.sam(optax.sgd(0.1, momentum=0.9), 0.05), aace_jax.cross_entropy),
+    "sgd": (lambda: optax.sgd(0.1, momentum=0.9), aace_jax.aace_cross_entropy),
+}
+
+
+def test_eight_devices():
+  assert jax.device_count() == DEVICES
+
+
+def data_mesh():
+  return jax.make_mesh((DEVICES,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def run_pmap(step_kwargs, tx, state, batch, steps, apply_fn=mlp_apply):
+  step = aace_jax.pmap_train_step(aace_jax.make_train_step(apply_fn, tx, axis_name="batch", **step_kwargs))
+  state = aace_jax.replicate(state)
+  per_device = jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), batch)
+  for _ in range(steps):
+    state, metrics = step(state, per_device)
+  return state, metrics
+
+
+def run_shard(step_kwargs, tx, state, batch, steps, apply_fn=mlp_apply):
+  mesh = data_mesh()
+  step = aace_jax.shard_train_step(aace_jax.make_train_step(apply_fn, tx, axis_name="data", **step_kwargs), mesh)
+  # The step donates the state: place a copy, keep the caller's arrays alive.
+  state = jax.device_put(jax.tree.map(jnp.copy, state), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+  return state, metrics
+
+
+def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol), actual, expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_synchronized_perturbation_equals_one_big_batch(method):
+  make_tx, perturbation_loss = METHODS[method]
+  tx = make_tx()
+  batch = make_batch(n=BATCH)
+  params = mlp_params()
+  kwargs = dict(perturbation_loss=perturbation_loss, sync_perturbation=True)
+  state = aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
+
+  single_step = jax.jit(aace_jax.make_train_step(mlp_apply, tx, **kwargs))
+  single = state
+  for _ in range(3):
+    single, single_metrics = single_step(single, batch)
+  pmapped, pmap_metrics = run_pmap(kwargs, tx, state, batch, 3)
+  sharded, shard_metrics = run_shard(kwargs, tx, state, batch, 3)
+
+  assert_trees_close(aace_jax.unreplicate(pmapped.params), single.params)
+  assert_trees_close(sharded.params, single.params)
+  if method != "sgd":
+    by_hand, opt_state = params, tx.init(params)
+    for _ in range(3):
+      by_hand, opt_state = hand_step(tx, by_hand, opt_state, batch, perturbation_loss)
+    assert_trees_close(single.params, by_hand)
+  for name in ("loss", "ce_loss", "accuracy", "grad_norm", "perturbation_norm"):
+    np.testing.assert_allclose(pmap_metrics[name][0], single_metrics[name], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(shard_metrics[name], single_metrics[name], rtol=1e-5, err_msg=name)
+  assert np.abs(single.params["w1"] - params["w1"]).max() > 1e-3
+
+
+@pytest.mark.parametrize("runner", [run_pmap, run_shard])
+def test_local_perturbation_uses_each_device_shard(runner):
+  rho, lr = 0.3, 0.1
+  tx = aace_jax.aace_sam(optax.sgd(lr), rho)
+  batch = make_batch(n=BATCH)
+  params = mlp_params()
+  state = aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
+  new_state, metrics = runner(dict(sync_perturbation=False), tx, state, batch, 1)
+
+  # By hand: device d perturbs with its own shard's AACE gradient, then the
+  # CE gradients at the 8 perturbed points are averaged.
+  def mean_loss(p, fn, x, y):
+    return fn(mlp_apply(p, {}, x, train=True, rng=None)[0], y).mean()
+
+  shards = [(batch["image"][8 * d : 8 * d + 8], batch["label"][8 * d : 8 * d + 8]) for d in range(DEVICES)]
+  final_grads, norms = [], []
+  for x, y in shards:
+    g = jax.grad(mean_loss)(params, aace_jax.aace_cross_entropy, x, y)
+    norms.append(rho * np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(g))))
+    w_adv = jax.tree.map(lambda w, gi: w - rho * gi, params, g)
+    final_grads.append(jax.grad(mean_loss)(w_adv, aace_jax.cross_entropy, x, y))
+  mean_grad = jax.tree.map(lambda *gs: np.mean(gs, axis=0), *final_grads)
+  expected = jax.tree.map(lambda w, g: w - lr * g, params, mean_grad)
+
+  params_out = new_state.params if runner is run_shard else aace_jax.unreplicate(new_state.params)
+  assert_trees_close(params_out, expected)
+  np.testing.assert_allclose(np.ravel(metrics["perturbation_norm"])[0], np.mean(norms), rtol=1e-5)
+  if runner is run_pmap:
+    # Each replica keeps its own perturbation norm in its state.
+    np.testing.assert_allclose(new_state.opt_state.perturbation_norm, norms, rtol=1e-5)
+  # The global-batch perturbation would differ: the test can tell them apart.
+  synced, _ = runner(dict(sync_perturbation=True), tx, state, batch, 1)
+  synced_params = synced.params if runner is run_shard else aace_jax.unreplicate(synced.params)
+  assert np.abs(np.asarray(synced_params["w1"]) - expected["w1"]).max() > 1e-6
+
+
+@pytest.mark.parametrize("runner", [run_pmap, run_shard])
+def test_batchnorm_statistics_are_first_pass_averaged_over_devices(runner):
+  model = BatchNormNet()
+  batch = make_batch(n=BATCH)
+  variables = model.init(jax.random.key(0), batch["image"], train=False)
+  tx = aace_jax.aace_sam(optax.sgd(0.1), 0.5)
+  state = aace_jax.TrainState.create(
+      params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
+  )
+  new_state, _ = runner({}, tx, state, batch, 1, apply_fn=aace_jax.linen_apply_fn(model))
+  per_shard = [first_pass_batch_stats(model, variables, batch["image"][8 * d : 8 * d + 8]) for d in range(DEVICES)]
+  expected = jax.tree.map(lambda *s: np.mean(s, axis=0), *per_shard)
+  stats = new_state.model_state["batch_stats"]
+  if runner is run_pmap:
+    stats = aace_jax.unreplicate(stats)
+  assert_trees_close(stats, expected)
+
+
+def test_parallel_eval_sums_equal_single_device():
+  params = mlp_params()
+  batch = make_batch(n=BATCH)
+  batch["mask"] = (jnp.arange(BATCH) < 60).astype(jnp.float32)
+  state = aace_jax.TrainState.create(params=params, tx=optax.sgd(0.1), rng=jax.random.key(0))
+  single = jax.jit(aace_jax.make_eval_step(mlp_apply))(state, batch)
+  sharded = aace_jax.shard_train_step(aace_jax.make_eval_step(mlp_apply, axis_name="data"), data_mesh())(state, batch)
+  pmapped = aace_jax.pmap_train_step(aace_jax.make_eval_step(mlp_apply, axis_name="batch"))(
+      aace_jax.replicate(state), jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), batch)
+  )
+  for k in single:
+    np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5)
+    np.testing.assert_allclose(pmapped[k][0], single[k], rtol=1e-5)
+  assert single["count"] == 60
+
+
+def test_sharded_step_is_traced_once():
+  tx = aace_jax.aace_sam(optax.sgd(0.1), 0.2)
+  calls = []
+
+  def counting_apply(*args, **kwargs):
+    calls.append(1)
+    return mlp_apply(*args, **kwargs)
+
+  state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
+  run_shard({}, tx, state, make_batch(n=BATCH), 4, apply_fn=counting_apply)
+  assert len(calls) == 2  # two passes, one trace

@@ -1,0 +1,190 @@
+"""The single-device train and eval steps against hand-driven computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import aace_jax
+from tests.helpers import BatchNormNet, hand_step, make_batch, mlp_apply, mlp_params
+
+
+METHODS = {
+    "aace_sam": (lambda: aace_jax.aace_sam(optax.sgd(0.1, momentum=0.9), 0.2), aace_jax.aace_cross_entropy),
+    "sam": (lambda: aace_jax.sam(optax.sgd(0.1, momentum=0.9), 0.05), aace_jax.cross_entropy),
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_step_equals_core_transformation_driven_by_hand(method):
+  make_tx, perturbation_loss = METHODS[method]
+  tx = make_tx()
+  batch = make_batch()
+  params = mlp_params()
+  step = jax.jit(aace_jax.make_train_step(mlp_apply, tx, perturbation_loss=perturbation_loss))
+  state = aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
+  expected, opt_state = params, tx.init(params)
+  for _ in range(3):
+    state, metrics = step(state, batch)
+    expected, opt_state = hand_step(tx, expected, opt_state, batch, perturbation_loss)
+  for k in expected:
+    np.testing.assert_allclose(state.params[k], expected[k], rtol=1e-6, atol=1e-7)
+  assert int(state.step) == 3
+  assert np.abs(state.params["w1"] - params["w1"]).max() > 1e-3
+
+
+def test_metrics_are_the_quantities_they_name():
+  rho = 0.2
+  tx = aace_jax.aace_sam(optax.sgd(0.1), rho)
+  batch = make_batch()
+  params = mlp_params()
+  state = aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
+  _, metrics = jax.jit(aace_jax.make_train_step(mlp_apply, tx))(state, batch)
+
+  logits = mlp_apply(params, {}, batch["image"], train=True, rng=None)[0]
+  mean_loss = lambda p, fn: fn(mlp_apply(p, {}, batch["image"], train=True, rng=None)[0], batch["label"]).mean()
+  g = jax.grad(mean_loss)(params, aace_jax.aace_cross_entropy)
+  g_norm = np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(g)))
+  w_adv = jax.tree.map(lambda w, gi: w - rho * gi, params, g)
+  g2 = jax.grad(mean_loss)(w_adv, aace_jax.cross_entropy)
+  expected = {
+      "ce_loss": mean_loss(params, aace_jax.cross_entropy),
+      "perturbation_loss": mean_loss(params, aace_jax.aace_cross_entropy),
+      "loss": mean_loss(w_adv, aace_jax.cross_entropy),
+      "accuracy": np.mean(np.argmax(logits, -1) == batch["label"]),
+      "perturbation_grad_norm": g_norm,
+      "perturbation_norm": rho * g_norm,
+      "grad_norm": np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(g2))),
+  }
+  assert set(expected) == set(metrics)
+  for k, v in expected.items():
+    np.testing.assert_allclose(metrics[k], v, rtol=1e-5, err_msg=k)
+  assert metrics["loss"] > metrics["ce_loss"]  # the perturbation is adversarial
+
+
+def test_plain_optimizer_is_one_pass_sgd_and_reports_learning_rate():
+  tx = optax.inject_hyperparams(optax.sgd)(learning_rate=optax.linear_schedule(0.1, 0.0, 10))
+  batch = make_batch()
+  params = mlp_params()
+  calls = []
+
+  def counting_apply(*args, **kwargs):
+    calls.append(1)
+    return mlp_apply(*args, **kwargs)
+
+  step = jax.jit(aace_jax.make_train_step(counting_apply, tx))
+  state = aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
+  state, metrics = step(state, batch)
+  state, metrics = step(state, batch)
+  assert len(calls) == 1  # one forward pass, traced once
+  mean_loss = lambda p: aace_jax.cross_entropy(mlp_apply(p, {}, batch["image"], train=True, rng=None)[0], batch["label"]).mean()
+  expected = params
+  for lr in (0.1, 0.09):
+    expected = jax.tree.map(lambda w, g: w - lr * g, expected, jax.grad(mean_loss)(expected))
+  for k in expected:
+    np.testing.assert_allclose(state.params[k], expected[k], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(metrics["learning_rate"], 0.09, rtol=1e-6)
+  assert metrics["perturbation_norm"] == 0
+
+
+def test_sharpness_aware_step_is_two_passes_traced_once_without_host_transfers():
+  tx = aace_jax.aace_sam(optax.sgd(0.1), 0.2)
+  calls = []
+
+  def counting_apply(*args, **kwargs):
+    calls.append(1)
+    return mlp_apply(*args, **kwargs)
+
+  step = jax.jit(aace_jax.make_train_step(counting_apply, tx), donate_argnums=0)
+  state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
+  batch = jax.device_put(make_batch())
+  state, _ = step(state, batch)
+  assert len(calls) == 2
+  with jax.transfer_guard("disallow"):
+    for _ in range(3):
+      state, metrics = step(state, batch)
+  assert len(calls) == 2
+  assert step._cache_size() == 1
+
+
+def test_batchnorm_statistics_come_from_the_first_pass_only():
+  model = BatchNormNet()
+  batch = make_batch()
+  variables = model.init(jax.random.key(0), batch["image"], train=False)
+  tx = aace_jax.aace_sam(optax.sgd(0.1), 0.5)
+  state = aace_jax.TrainState.create(
+      params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
+  )
+  new_state, _ = jax.jit(aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx))(state, batch)
+
+  def stats_at(params):
+    _, updates = model.apply(
+        {"params": params, "batch_stats": variables["batch_stats"]}, batch["image"], train=True, mutable=["batch_stats"]
+    )
+    return updates["batch_stats"]
+
+  first_pass = stats_at(variables["params"])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_state.model_state["batch_stats"], first_pass)
+  # The perturbed pass would have given other statistics: the test can tell them apart.
+  def mean_aace(p):
+    logits = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, batch["image"], train=True, mutable=["batch_stats"])[0]
+    return aace_jax.aace_cross_entropy(logits, batch["label"]).mean()
+
+  w_adv = jax.tree.map(lambda w, g: w - 0.5 * g, variables["params"], jax.grad(mean_aace)(variables["params"]))
+  second_mean = stats_at(w_adv)["BatchNorm_0"]["mean"]
+  assert np.abs(second_mean - first_pass["BatchNorm_0"]["mean"]).max() > 1e-4
+
+
+def test_flax_nnx_model_through_split_and_merge():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(12, 8, rngs=rngs)
+      self.norm = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
+      self.head = nnx.Linear(8, 5, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(nnx.relu(self.norm(self.dense(x))))
+
+  graphdef, params, batch_stats = nnx.split(Net(nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+
+  def apply_fn(params, model_state, images, *, train, rng):
+    del rng
+    model = nnx.merge(graphdef, params, model_state, copy=True)
+    model.train() if train else model.eval()
+    logits = model(images)
+    return logits, nnx.state(model, nnx.BatchStat)
+
+  tx = aace_jax.aace_sam(optax.sgd(0.5), 0.2)
+  state = aace_jax.TrainState.create(params=params, model_state=batch_stats, tx=tx, rng=jax.random.key(0))
+  step = jax.jit(aace_jax.make_train_step(apply_fn, tx))
+  batch = make_batch()
+  state, first = step(state, batch)
+  for _ in range(30):
+    state, metrics = step(state, batch)
+  assert metrics["ce_loss"] < 0.8 * first["ce_loss"]
+  # BatchNorm's running mean moved off its initial zeros.
+  assert np.abs(np.asarray(state.model_state["norm"]["mean"].value)).max() > 0
+
+
+def test_eval_step_counts_masked_batches():
+  params = mlp_params()
+  batch = make_batch(n=8)
+  batch["mask"] = jnp.array([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)
+  batch["label"] = batch["label"].at[5:].set(-1)  # padding labels are ignored, not NaN
+  state = aace_jax.TrainState.create(params=params, tx=optax.sgd(0.1), rng=jax.random.key(0))
+  metrics = jax.jit(aace_jax.make_eval_step(mlp_apply))(state, batch)
+  logits = mlp_apply(params, {}, batch["image"][:5], train=False, rng=None)[0]
+  labels = batch["label"][:5]
+  np.testing.assert_allclose(metrics["loss_sum"], aace_jax.cross_entropy(logits, labels).sum(), rtol=1e-6)
+  assert metrics["correct"] == np.sum(np.argmax(logits, -1) == labels)
+  assert metrics["count"] == 5
+
+
+def test_bad_step_arguments():
+  with pytest.raises(TypeError, match="sync_perturbation must be a bool, got 'no'"):
+    aace_jax.make_train_step(mlp_apply, optax.sgd(0.1), sync_perturbation="no")
+  step = aace_jax.make_train_step(mlp_apply, optax.sgd(0.1), axis_name="batch")
+  with pytest.raises(ValueError, match="axis_name='batch' but is mapped over 'data'"):
+    aace_jax.pmap_train_step(step, axis_name="data")
