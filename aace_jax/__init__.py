@@ -7,6 +7,7 @@ from aace_jax._losses import check_labels
 from aace_jax._losses import cross_entropy
 from aace_jax._parallel import pmap_train_step
 from aace_jax._parallel import replicate
+from aace_jax._parallel import replicate_on_mesh
 from aace_jax._parallel import shard_train_step
 from aace_jax._parallel import unreplicate
 from aace_jax._sam import SAMState
@@ -35,6 +36,7 @@ __all__ = (
     "make_train_step",
     "pmap_train_step",
     "replicate",
+    "replicate_on_mesh",
     "sam",
     "shard_train_step",
     "unreplicate",

@@ -95,6 +95,28 @@ def replicate(tree, devices=None):
   )
 
 
+def replicate_on_mesh(tree, mesh: Mesh):
+  """Places a pytree that every process holds identically as arrays replicated over `mesh`.
+
+  Works on one or many processes (``jax.device_put`` alone cannot target
+  another host's devices); use it for the initial state of
+  :func:`shard_train_step`.
+  """
+  sharding = NamedSharding(mesh, P())
+
+  def place(x):
+    if _is_key(x):
+      return jax.random.wrap_key_data(place(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+  return jax.tree.map(place, tree)
+
+
+def _is_key(x) -> bool:
+  return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def unreplicate(tree):
   """The first device's copy of a pytree with a leading device axis."""
   return jax.tree.map(lambda x: x[0], tree)

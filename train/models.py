@@ -8,7 +8,7 @@ evaluation), and ends in global average pooling, so 28x28 inputs work too.
 """
 
 import functools
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -36,11 +36,12 @@ class WideResNetUnit(nn.Module):
   channels: int
   strides: int
   dropout: float
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=wrn_conv_init)
-    norm = functools.partial(BatchNorm, use_running_average=not train)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=wrn_conv_init, dtype=self.dtype)
+    norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
     shape_changes = self.strides != 1 or x.shape[-1] != self.channels
     activated = nn.relu(norm()(x))
     if shape_changes:
@@ -71,19 +72,22 @@ class WideResNet(nn.Module):
   num_classes: int
   dropout: float = 0.0
   units_per_group: Optional[int] = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     if (self.depth - 4) % 6:
       raise ValueError(f"WideResNet: depth must be 6n + 4, got {self.depth}.")
     units = self.units_per_group or (self.depth - 4) // 6
-    x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=wrn_conv_init)(x)
+    x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=wrn_conv_init, dtype=self.dtype)(x)
     for group, strides in enumerate((1, 2, 2)):
       for unit in range(units):
-        x = WideResNetUnit(16 * self.width * 2**group, strides if unit == 0 else 1, self.dropout)(x, train=train)
-    x = nn.relu(BatchNorm(use_running_average=not train)(x))
+        x = WideResNetUnit(
+            16 * self.width * 2**group, strides if unit == 0 else 1, self.dropout, self.dtype
+        )(x, train=train)
+    x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype)(x))
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros)(x)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype)(x)
 
 
 class PyramidBlock(nn.Module):
@@ -92,11 +96,12 @@ class PyramidBlock(nn.Module):
   channels: int
   strides: int
   bottleneck: bool
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=pyramid_conv_init)
-    norm = functools.partial(BatchNorm, use_running_average=not train)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=pyramid_conv_init, dtype=self.dtype)
+    norm = functools.partial(BatchNorm, use_running_average=not train, dtype=self.dtype)
     y = norm()(x)
     if self.bottleneck:
       y = conv(self.channels, (1, 1))(y)
@@ -130,6 +135,7 @@ class PyramidNet(nn.Module):
   alpha: int
   num_classes: int
   bottleneck: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -138,20 +144,21 @@ class PyramidNet(nn.Module):
       raise ValueError(f"PyramidNet: depth must be {per_block}n + 2, got {self.depth}.")
     blocks = (self.depth - 2) // per_block
     add_rate = self.alpha / (3 * blocks)
-    x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=pyramid_conv_init)(x)
-    x = BatchNorm(use_running_average=not train)(x)
+    x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=pyramid_conv_init, dtype=self.dtype)(x)
+    x = BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
     channels = 16.0
     for stage in range(3):
       for block in range(blocks):
         channels += add_rate
         strides = 2 if stage > 0 and block == 0 else 1
-        x = PyramidBlock(int(round(channels)), strides, self.bottleneck)(x, train=train)
-    x = nn.relu(BatchNorm(use_running_average=not train)(x))
+        x = PyramidBlock(int(round(channels)), strides, self.bottleneck, self.dtype)(x, train=train)
+    x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype)(x))
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(
         self.num_classes,
         kernel_init=torch_linear_init,
         bias_init=_torch_linear_bias_init(x.shape[-1]),
+        dtype=self.dtype,
     )(x)
 
 
@@ -160,27 +167,31 @@ class SmallCNN(nn.Module):
 
   num_classes: int
   channels: int = 32
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     for features, strides in ((self.channels, 1), (2 * self.channels, 2)):
-      x = nn.Conv(features, (3, 3), strides, padding=1, use_bias=False, kernel_init=wrn_conv_init)(x)
-      x = nn.relu(BatchNorm(use_running_average=not train)(x))
+      x = nn.Conv(features, (3, 3), strides, padding=1, use_bias=False, kernel_init=wrn_conv_init, dtype=self.dtype)(x)
+      x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype)(x))
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
+    return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 MODELS = {
-    "small_cnn": lambda num_classes: SmallCNN(num_classes),
-    "wrn16_4": lambda num_classes: WideResNet(16, 4, num_classes),
-    "wrn28_10": lambda num_classes: WideResNet(28, 10, num_classes),
-    "pyramidnet272": lambda num_classes: PyramidNet(272, 200, num_classes),
-    "pyramidnet272_bottleneck": lambda num_classes: PyramidNet(272, 200, num_classes, bottleneck=True),
+    "small_cnn": functools.partial(SmallCNN),
+    "wrn16_4": functools.partial(WideResNet, 16, 4),
+    "wrn28_10": functools.partial(WideResNet, 28, 10),
+    "pyramidnet272": functools.partial(PyramidNet, 272, 200),
+    "pyramidnet272_bottleneck": functools.partial(PyramidNet, 272, 200, bottleneck=True),
 }
 
 
-def create_model(name: str, num_classes: int) -> nn.Module:
-  """The model called `name` (a key of `MODELS`) for `num_classes` classes."""
+def create_model(name: str, num_classes: int, dtype=jnp.float32) -> nn.Module:
+  """The model called `name` (a key of `MODELS`) for `num_classes` classes.
+
+  ``dtype`` is the computation dtype; parameters stay float32.
+  """
   if name not in MODELS:
     raise ValueError(f"Unknown model {name!r}; choose one of {sorted(MODELS)}.")
-  return MODELS[name](num_classes)
+  return MODELS[name](num_classes=num_classes, dtype=dtype)

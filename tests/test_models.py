@@ -1,0 +1,87 @@
+"""The paper's models: parameter counts from the architecture by hand, shapes, initialisation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import models
+
+
+def param_shapes(model, image_shape):
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, *image_shape)), train=False))
+  return variables["params"]
+
+
+def count(tree):
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def wrn_count_by_hand(depth, width, classes, units):
+  del depth
+  total = 3 * 16 * 9  # stem
+  c_in = 16
+  for c in (16 * width, 32 * width, 64 * width):
+    total += 2 * c_in + 9 * c_in * c + 2 * c + 9 * c * c + c_in * c  # unit with 1x1 shortcut
+    total += (units - 1) * (2 * c + 9 * c * c + 2 * c + 9 * c * c)
+    c_in = c
+  return total + 2 * c_in + c_in * classes + classes
+
+
+def test_wrn28_10_parameter_count():
+  n = count(param_shapes(models.WideResNet(28, 10, 100), (32, 32, 3)))
+  assert n == wrn_count_by_hand(28, 10, 100, units=4) == 36_536_884  # "36.5M"
+  authors = count(param_shapes(models.WideResNet(28, 10, 100, units_per_group=5), (32, 32, 3)))
+  assert authors == wrn_count_by_hand(28, 10, 100, units=5)
+
+
+def test_pyramidnet272_bottleneck_parameter_count():
+  # Han et al. report 26.0M for PyramidNet-272 (alpha 200, bottleneck) on CIFAR-100.
+  n = count(param_shapes(models.PyramidNet(272, 200, 100, bottleneck=True), (32, 32, 3)))
+  assert 25.5e6 < n < 26.5e6
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        models.WideResNet(10, 2, 7),
+        models.PyramidNet(20, 24, 7),
+        models.PyramidNet(29, 24, 7, bottleneck=True),
+        models.SmallCNN(7),
+    ],
+    ids=["wrn", "pyramidnet", "pyramidnet_bottleneck", "small_cnn"],
+)
+@pytest.mark.parametrize("image_shape", [(32, 32, 3), (28, 28, 1)])
+def test_any_image_size_gives_logits(model, image_shape):
+  images = jax.random.normal(jax.random.key(0), (3, *image_shape))
+  # Any finite parameters show the shapes flow; compiling the random init is slow on CPU.
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(1), images, train=False))
+  variables = jax.tree.map(lambda s: jnp.full(s.shape, 0.05, s.dtype), shapes)
+  logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, images)
+  assert logits.shape == (3, 7)
+  assert np.all(np.isfinite(logits))
+  assert "batch_stats" in updates
+
+
+def test_wrn_initialisation_is_the_authors():
+  params = models.WideResNet(16, 4, 10).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)["params"]
+  head = params["Dense_0"]
+  assert np.all(head["kernel"] == 0) and np.all(head["bias"] == 0)
+  kernel = np.asarray(params["WideResNetUnit_5"]["Conv_1"]["kernel"])  # 3x3x256x256
+  fan_in = 9 * kernel.shape[2]
+  np.testing.assert_allclose(kernel.std(), np.sqrt(2.0 / fan_in), rtol=0.02)
+  assert np.abs(kernel).max() > 4 * np.sqrt(2.0 / fan_in)  # untruncated normal
+  assert np.all(params["BatchNorm_0"]["scale"] == 1) and np.all(params["BatchNorm_0"]["bias"] == 0)
+
+
+def test_pyramidnet_channels_grow_by_alpha():
+  params = param_shapes(models.PyramidNet(20, 48, 10), (32, 32, 3))
+  # n = 3 blocks per stage, 9 blocks: widths round(16 + 48 * k / 9), ending at 64.
+  widths = [params[f"PyramidBlock_{k}"]["Conv_1"]["kernel"].shape[-1] for k in range(9)]
+  assert widths == [int(round(16 + 48 * (k + 1) / 9)) for k in range(9)]
+  assert params["Dense_0"]["kernel"].shape == (64, 10)
+
+
+def test_create_model_rejects_unknown_names():
+  with pytest.raises(ValueError, match="Unknown model 'resnet50'"):
+    models.create_model("resnet50", 10)

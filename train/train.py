@@ -1,0 +1,345 @@
+"""Training and evaluation loop: `train_and_evaluate(config, workdir)`.
+
+Reads top to bottom: configuration checks, the optimizer and schedule, the
+state, the run's files (CSV, TensorBoard, plots, checkpoints), then the loop.
+The step is `aace_jax.make_train_step`, jitted over a data mesh of every device
+with `aace_jax.shard_train_step`; everything else here runs on the host.
+"""
+
+import csv
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import aace_jax
+from train import input_pipeline
+from train import models
+
+OPTIMIZERS = ("sgd", "sam", "aace_sam", "asam")
+DEFAULT_RHO = {"aace_sam": 0.2, "sam": 0.05, "asam": 0.5, "sgd": 0.0}
+CSV_COLUMNS = (
+    "epoch", "lr", "avg_ce_loss", "avg_aace_loss", "avg_grad_norm", "avg_perturbation",
+    "train_loss", "train_acc", "val_loss", "val_acc", "images_per_sec", "wall_time",
+)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; raised before anything is written."""
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` naming the first bad field."""
+  checks = [
+      (config.optimizer in OPTIMIZERS, f"optimizer {config.optimizer!r} is not one of {OPTIMIZERS}"),
+      (config.dataset in input_pipeline.DATASETS, f"dataset {config.dataset!r} is not one of {sorted(input_pipeline.DATASETS)}"),
+      (config.model in models.MODELS, f"model {config.model!r} is not one of {sorted(models.MODELS)}"),
+      (config.dtype in DTYPES, f"dtype {config.dtype!r} is not one of {sorted(DTYPES)}"),
+      (config.rho is None or config.rho >= 0, f"rho must be >= 0, got {config.rho}"),
+      (config.aace_mode in aace_jax.AACE_MODES, f"aace_mode {config.aace_mode!r} is not one of {aace_jax.AACE_MODES}"),
+      (0 <= config.aace_threshold <= 1, f"aace_threshold must lie in [0, 1], got {config.aace_threshold}"),
+      (0 <= config.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {config.label_smoothing}"),
+      (config.num_epochs >= 1, f"num_epochs must be >= 1, got {config.num_epochs}"),
+      (config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}"),
+      (config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}"),
+      (
+          config.batch_size % jax.device_count() == 0,
+          f"batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices",
+      ),
+      (
+          config.eval_batch_size % jax.device_count() == 0,
+          f"eval_batch_size {config.eval_batch_size} is not divisible by the {jax.device_count()} devices",
+      ),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(f"Bad config: {message}.")
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+  """The authors' step schedule: lr x lr_decay at each milestone fraction of the epochs.
+
+  Their loop sets the rate for epoch e after each step (`scheduler(epoch)`
+  follows `optimizer.step()`), so a new rate takes effect from the second step
+  of its first epoch; the boundaries below reproduce that exactly.
+  """
+  boundaries = {}
+  for fraction in config.lr_milestones:
+    first_epoch = int(np.ceil(fraction * config.num_epochs))
+    boundaries[first_epoch * steps_per_epoch + 1] = config.lr_decay
+  return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+
+
+def create_optimizer(config, steps_per_epoch: int):
+  """Returns `(tx, perturbation_loss, loss)` for `config.optimizer`."""
+  base = optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.inject_hyperparams(optax.sgd)(
+          learning_rate=learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum
+      ),
+  )
+  rho = DEFAULT_RHO[config.optimizer] if config.rho is None else config.rho
+  aace = functools.partial(aace_jax.aace_cross_entropy, threshold=config.aace_threshold, mode=config.aace_mode)
+  loss = functools.partial(aace_jax.cross_entropy, label_smoothing=config.label_smoothing)
+  normalize = {} if config.normalize is None else {"normalize": config.normalize}
+  if config.optimizer == "sgd":
+    return base, aace, loss
+  if config.optimizer == "aace_sam":
+    return aace_jax.aace_sam(base, rho, **normalize), aace, loss
+  adaptive = config.optimizer == "asam"
+  return aace_jax.sam(base, rho, adaptive=adaptive, **normalize), loss, loss
+
+
+def state_to_checkpoint(state: aace_jax.TrainState) -> dict:
+  return state._replace(rng=jax.random.key_data(state.rng))._asdict()
+
+
+def state_from_checkpoint(tree: dict) -> aace_jax.TrainState:
+  return aace_jax.TrainState(**{**tree, "rng": jax.random.wrap_key_data(tree["rng"])})
+
+
+@dataclasses.dataclass
+class RunFiles:
+  """The workdir's outputs; only process 0 writes them."""
+
+  workdir: str
+  enabled: bool
+
+  def __post_init__(self):
+    self.csv_path = os.path.join(self.workdir, "metrics.csv")
+    self.plots_dir = os.path.join(self.workdir, "plots")
+    self.writer = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter
+
+      os.makedirs(self.plots_dir, exist_ok=True)
+      self.writer = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
+
+  def rows(self) -> list[dict]:
+    if not os.path.exists(self.csv_path):
+      return []
+    with open(self.csv_path, newline="") as f:
+      return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+  def keep_epochs_before(self, epoch: int) -> list[dict]:
+    """Drops rows of epochs a checkpoint does not cover (a crash after the CSV write)."""
+    rows = [row for row in self.rows() if row["epoch"] < epoch]
+    if self.enabled and os.path.exists(self.csv_path):
+      self._write(rows)
+    return rows
+
+  def _write(self, rows):
+    with open(self.csv_path, "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+      writer.writeheader()
+      writer.writerows(rows)
+
+  def append(self, row: dict) -> None:
+    if not self.enabled:
+      return
+    new_file = not os.path.exists(self.csv_path)
+    with open(self.csv_path, "a", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+      if new_file:
+        writer.writeheader()
+      writer.writerow(row)
+    for name, value in row.items():
+      if name != "epoch":
+        self.writer.add_scalar(name, value, int(row["epoch"]) + 1)
+    self.writer.flush()
+    self.plot(self.rows())
+
+  def plot(self, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] + 1 for row in rows]
+    panels = {
+        "loss": ("loss", ("avg_ce_loss", "avg_aace_loss", "train_loss", "val_loss")),
+        "perturbation": ("norm", ("avg_grad_norm", "avg_perturbation")),
+        "accuracy": ("accuracy", ("train_acc", "val_acc")),
+    }
+    for name, (ylabel, columns) in panels.items():
+      fig, ax = plt.subplots(figsize=(6, 4))
+      for column in columns:
+        ax.plot(epochs, [row[column] for row in rows], label=column, marker="." if len(rows) < 30 else None)
+      ax.set_xlabel("epoch")
+      ax.set_ylabel(ylabel)
+      ax.grid(alpha=0.3)
+      ax.legend()
+      fig.tight_layout()
+      fig.savefig(os.path.join(self.plots_dir, f"{name}.png"), dpi=100)
+      plt.close(fig)
+
+  def close(self):
+    if self.writer is not None:
+      self.writer.close()
+
+
+def check_or_write_config(config, workdir: str, is_writer: bool) -> None:
+  """Writes config.json, or checks that a resumed run has the same recipe."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    ignored = {"halt_after_epochs", "log_every_steps"}
+    differ = sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
+    if differ:
+      raise ConfigError(
+          f"Bad config: {workdir} holds a run with another config (fields {', '.join(differ)} differ);"
+          " use a new --workdir."
+      )
+  elif is_writer:
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+
+
+def epoch_summary(step_metrics: list[dict]) -> dict:
+  """Means over an epoch's steps, fetched from the devices once."""
+  stacked = jax.device_get({k: jnp.stack([m[k] for m in step_metrics]) for k in step_metrics[0]})
+  return {k: float(np.mean(v)) for k, v in stacked.items()}
+
+
+def evaluate(eval_step, state, data, to_global) -> tuple[float, float]:
+  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
+  for batch in data.eval_batches():
+    sums = jax.device_get(eval_step(state, to_global(batch)))
+    for k in totals:
+      totals[k] += float(sums[k])
+  return totals["loss_sum"] / totals["count"], totals["correct"] / totals["count"]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config.model` on `config.dataset` with `config.optimizer` and evaluates each epoch.
+
+  Resumes from the latest checkpoint in `workdir/checkpoints` if there is one.
+
+  Returns:
+    The last epoch's CSV row plus `workdir`.
+  """
+  check_config(config)
+  is_writer = jax.process_index() == 0
+  data = input_pipeline.create_data(
+      config.dataset,
+      global_batch=config.batch_size,
+      global_eval_batch=config.eval_batch_size,
+      seed=config.seed,
+      data_dir=config.data_dir,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
+  input_pipeline.check_in_memory_labels(data)
+  steps_per_epoch = data.steps_per_epoch
+  tx, perturbation_loss, loss = create_optimizer(config, steps_per_epoch)
+  model = models.create_model(config.model, data.spec.num_classes, DTYPES[config.dtype])
+  apply_fn = aace_jax.linen_apply_fn(model)
+
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  batch_sharding = NamedSharding(mesh, P("data"))
+  train_step = aace_jax.shard_train_step(
+      aace_jax.make_train_step(
+          apply_fn, tx, perturbation_loss=perturbation_loss, loss=loss, axis_name="data",
+          sync_perturbation=config.sync_perturbation,
+      ),
+      mesh,
+  )
+  eval_step = aace_jax.shard_train_step(aace_jax.make_eval_step(apply_fn, loss=loss, axis_name="data"), mesh)
+
+  def to_global(batch):
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
+
+  init_key, state_key = jax.random.split(jax.random.key(config.seed))
+  variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, *data.spec.image_shape)), train=False))(init_key)
+  params = variables.pop("params")
+  state = aace_jax.TrainState.create(params=params, model_state=dict(variables), tx=tx, rng=state_key)
+  state = aace_jax.replicate_on_mesh(state, mesh)
+
+  # Everything that can be wrong with the inputs is known by now: write.
+  os.makedirs(workdir, exist_ok=True)
+  check_or_write_config(config, workdir, is_writer)
+  files = RunFiles(workdir, enabled=is_writer)
+  checkpoints = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint_max_to_keep, create=True),
+  )
+  if checkpoints.latest_step() is not None:
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_to_checkpoint(state)
+    )
+    state = state_from_checkpoint(
+        checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(abstract))
+    )
+  start_step = int(jax.device_get(state.step))
+  start_epoch = start_step // steps_per_epoch
+  rows = files.keep_epochs_before(start_epoch)
+  wall_offset = rows[-1]["wall_time"] if rows else 0.0
+  run_start = time.time()
+  last_row = rows[-1] if rows else None
+
+  from tqdm.auto import tqdm
+
+  halt_at = None if config.halt_after_epochs is None else start_epoch + config.halt_after_epochs
+  for epoch in range(start_epoch, config.num_epochs):
+    if halt_at is not None and epoch >= halt_at:
+      break
+    first = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
+    bar = tqdm(
+        total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.num_epochs}",
+        disable=not is_writer, leave=False, dynamic_ncols=True,
+    )
+    epoch_start = time.time()
+    step_metrics = []
+    for index, batch in enumerate(data.train_epoch(epoch, first), start=first):
+      state, metrics = train_step(state, to_global(batch))
+      step_metrics.append(metrics)
+      if is_writer and (index + 1) % config.log_every_steps == 0:
+        latest = jax.device_get(metrics)
+        bar.set_postfix(
+            loss=f"{latest['loss']:.3f}", acc=f"{latest['accuracy']:.3f}", lr=f"{latest['learning_rate']:.4g}"
+        )
+      bar.update(1)
+    bar.close()
+    summary = epoch_summary(step_metrics)
+    epoch_seconds = time.time() - epoch_start
+    val_loss, val_acc = evaluate(eval_step, state, data, to_global)
+    checkpoints.save(int(jax.device_get(state.step)), args=ocp.args.StandardSave(state_to_checkpoint(state)))
+    checkpoints.wait_until_finished()
+    last_row = {
+        "epoch": epoch,
+        "lr": summary["learning_rate"],
+        "avg_ce_loss": summary["ce_loss"],
+        "avg_aace_loss": summary["perturbation_loss"],
+        "avg_grad_norm": summary["perturbation_grad_norm"],
+        "avg_perturbation": summary["perturbation_norm"],
+        "train_loss": summary["loss"],
+        "train_acc": summary["accuracy"],
+        "val_loss": val_loss,
+        "val_acc": val_acc,
+        "images_per_sec": len(step_metrics) * config.batch_size / epoch_seconds,
+        "wall_time": wall_offset + time.time() - run_start,
+    }
+    files.append(last_row)
+    if is_writer:
+      tqdm.write(
+          f"epoch {epoch + 1}/{config.num_epochs}: train loss {last_row['train_loss']:.4f}"
+          f" acc {last_row['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
+          f" | lr {last_row['lr']:.4g} | {last_row['images_per_sec']:.0f} img/s"
+      )
+  checkpoints.close()
+  files.close()
+  return {**(last_row or {}), "workdir": workdir, "finished": last_row is not None and last_row["epoch"] == config.num_epochs - 1}
