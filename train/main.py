@@ -40,6 +40,8 @@ def cluster_detected() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the progress output
   if FLAGS.multihost or cluster_detected():
     jax.distributed.initialize()
   config = FLAGS.config

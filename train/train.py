@@ -190,29 +190,42 @@ class RunFiles:
       self.writer.close()
 
 
-def check_or_write_config(config, workdir: str, is_writer: bool) -> None:
-  """Writes config.json, or checks that a resumed run has the same recipe."""
+# Fields that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"halt_after_epochs", "log_every_steps"}
+
+
+def check_resumable(config, workdir: str) -> None:
+  """Refuses a workdir whose config.json holds another recipe."""
   path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
   current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    ignored = {"halt_after_epochs", "log_every_steps"}
-    differ = sorted(k for k in set(saved) | set(current) if k not in ignored and saved.get(k) != current.get(k))
-    if differ:
-      raise ConfigError(
-          f"Bad config: {workdir} holds a run with another config (fields {', '.join(differ)} differ);"
-          " use a new --workdir."
-      )
-  elif is_writer:
+  differ = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+  if differ:
+    raise ConfigError(
+        f"Bad config: {workdir} holds a run with another config (fields {', '.join(differ)} differ);"
+        " use a new --workdir."
+    )
+
+
+def write_config(config, workdir: str) -> None:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
     with open(path, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def epoch_summary(step_metrics: list[dict]) -> dict:
-  """Means over an epoch's steps, fetched from the devices once."""
+  """Means over an epoch's steps (the learning rate: its last value, as the authors log it).
+
+  Fetched from the devices once per epoch.
+  """
   stacked = jax.device_get({k: jnp.stack([m[k] for m in step_metrics]) for k in step_metrics[0]})
-  return {k: float(np.mean(v)) for k, v in stacked.items()}
+  summary = {k: float(np.mean(v)) for k, v in stacked.items()}
+  summary["learning_rate"] = float(stacked["learning_rate"][-1])
+  return summary
 
 
 def evaluate(eval_step, state, data, to_global) -> tuple[float, float]:
@@ -233,6 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The last epoch's CSV row plus `workdir`.
   """
   check_config(config)
+  check_resumable(config, workdir)
   is_writer = jax.process_index() == 0
   data = input_pipeline.create_data(
       config.dataset,
@@ -271,7 +285,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # Everything that can be wrong with the inputs is known by now: write.
   os.makedirs(workdir, exist_ok=True)
-  check_or_write_config(config, workdir, is_writer)
+  if is_writer:
+    write_config(config, workdir)
   files = RunFiles(workdir, enabled=is_writer)
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),

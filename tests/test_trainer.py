@@ -1,0 +1,212 @@
+"""End-to-end runs of the reference trainer on digits and mock CIFAR-10."""
+
+import csv
+import glob
+import json
+import os
+import pathlib
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+from tensorboardX.proto import event_pb2
+
+from train import input_pipeline
+from train import train
+from train.configs import default
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def small_config(**overrides):
+  config = default.get_config()
+  config.num_epochs = 2
+  config.batch_size = 64
+  config.eval_batch_size = 128
+  config.log_every_steps = 5
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def read_csv(workdir):
+  with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def read_events(workdir):
+  """Scalars of the TensorBoard event files, parsed from their record framing."""
+  scalars = {}
+  for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
+    data = pathlib.Path(path).read_bytes()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+  return scalars
+
+
+def latest_checkpoint(workdir):
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  step = manager.latest_step()
+  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return step, tree
+
+
+def test_digits_run_writes_every_output(tmp_path):
+  workdir = str(tmp_path / "run")
+  result = train.train_and_evaluate(small_config(), workdir)
+  assert result["finished"] and result["epoch"] == 1
+  rows = read_csv(workdir)
+  assert [int(r["epoch"]) for r in rows] == [0, 1]
+  assert tuple(rows[0]) == train.CSV_COLUMNS
+  assert all(np.isfinite(float(v)) for row in rows for v in row.values())
+  assert float(rows[1]["val_acc"]) == pytest.approx(result["val_acc"])
+  assert float(rows[0]["avg_perturbation"]) > 0 and float(rows[0]["avg_grad_norm"]) > 0
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["optimizer"] == "aace_sam"
+  scalars = read_events(workdir)
+  assert [step for step, _ in scalars["val_acc"]] == [1, 2]
+  assert scalars["val_acc"][-1][1] == pytest.approx(result["val_acc"], rel=1e-6)
+  for name in ("loss", "perturbation", "accuracy"):
+    assert (pathlib.Path(workdir) / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  step, tree = latest_checkpoint(workdir)
+  assert step == 2 * (1438 // 64) and int(tree["step"]) == step
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(small_config(), straight)
+  halted = train.train_and_evaluate(small_config(halt_after_epochs=1), resumed)
+  assert not halted["finished"] and halted["epoch"] == 0
+  train.train_and_evaluate(small_config(), resumed)
+
+  step_a, tree_a = latest_checkpoint(straight)
+  step_b, tree_b = latest_checkpoint(resumed)
+  assert step_a == step_b
+  leaves_a, leaves_b = ocp.tree.to_flat_dict(tree_a), ocp.tree.to_flat_dict(tree_b)
+  assert leaves_a.keys() == leaves_b.keys()
+  for key in leaves_a:
+    np.testing.assert_array_equal(leaves_a[key], leaves_b[key], err_msg=str(key))
+  rows_a, rows_b = read_csv(straight), read_csv(resumed)
+  assert len(rows_b) == 2  # one header, no duplicate rows
+  for row_a, row_b in zip(rows_a, rows_b):
+    for column in ("lr", "avg_ce_loss", "avg_aace_loss", "avg_perturbation", "train_loss", "val_loss", "val_acc"):
+      assert row_a[column] == row_b[column], column
+  with open(os.path.join(resumed, "metrics.csv")) as f:
+    assert f.read().count("epoch,") == 1
+
+
+def test_mock_cifar10_run(tmp_path):
+  config = small_config(dataset="cifar10", num_epochs=1, batch_size=16, eval_batch_size=16, optimizer="sam")
+  with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+    result = train.train_and_evaluate(config, str(tmp_path / "cifar"))
+  assert result["finished"]
+  assert len(read_csv(str(tmp_path / "cifar"))) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "sam", "asam"])
+def test_every_optimizer_trains(tmp_path, optimizer):
+  result = train.train_and_evaluate(small_config(optimizer=optimizer, num_epochs=1), str(tmp_path / optimizer))
+  assert result["finished"] and result["val_acc"] > 0.3
+  rows = read_csv(str(tmp_path / optimizer))
+  if optimizer == "sgd":
+    assert float(rows[0]["avg_perturbation"]) == 0
+
+
+def test_learning_rate_schedule_is_the_authors():
+  # 10 epochs of 7 steps: x0.2 from epoch 3, 6 and 8, taking effect one step late.
+  config = small_config(num_epochs=10)
+  schedule = train.learning_rate_schedule(config, steps_per_epoch=7)
+  expected = {0: 0.1, 21: 0.1, 22: 0.02, 42: 0.02, 43: 0.004, 56: 0.004, 57: 0.0008, 69: 0.0008}
+  for step, lr in expected.items():
+    assert float(schedule(step)) == pytest.approx(lr), step
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(optimizer="adam"), "optimizer 'adam' is not one of"),
+        (dict(dataset="imagenet"), "dataset 'imagenet' is not one of"),
+        (dict(rho=-0.1), "rho must be >= 0, got -0.1"),
+        (dict(model="resnet"), "model 'resnet' is not one of"),
+    ],
+)
+def test_bad_config_fails_before_writing(tmp_path, overrides, message):
+  workdir = tmp_path / "run"
+  with pytest.raises(train.ConfigError, match=message):
+    train.train_and_evaluate(small_config(**overrides), str(workdir))
+  assert not workdir.exists()
+
+
+def test_batch_not_divisible_by_devices(monkeypatch, tmp_path):
+  monkeypatch.setattr(train.jax, "device_count", lambda: 8)
+  with pytest.raises(train.ConfigError, match="batch_size 60 is not divisible by the 8 devices"):
+    train.train_and_evaluate(small_config(batch_size=60), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_out_of_range_labels_fail_before_writing(monkeypatch, tmp_path):
+  train_source, eval_source = input_pipeline.digits_sources()
+  train_source.labels = train_source.labels.copy()
+  train_source.labels[5] = 10
+  monkeypatch.setattr(input_pipeline, "digits_sources", lambda: (train_source, eval_source))
+  with pytest.raises(input_pipeline.RecordError, match="train record 5 has label 10"):
+    train.train_and_evaluate(small_config(), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(small_config(num_epochs=1), workdir)
+  with pytest.raises(train.ConfigError, match="fields model differ"):
+    train.train_and_evaluate(small_config(num_epochs=1, model="wrn16_4"), workdir)
+
+
+def run_main(*args, timeout=300):
+  return subprocess.run(
+      [sys.executable, str(REPO / "train" / "main.py"), *args],
+      capture_output=True, text=True, timeout=timeout, cwd=REPO,
+  )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config.optimizer=adam"], "error: Bad config: optimizer 'adam' is not one of"),
+        (["--config.rho=-1"], "error: Bad config: rho must be >= 0, got -1.0"),
+        (["--config.dataset=svhn"], "error: Bad config: dataset 'svhn' is not one of"),
+        (["--config.no_such_field=1"], "no_such_field"),
+        (["--config", "train/configs/wrn28_10_cifar100.py", "--config.data_dir=/nonexistent"],
+         "tfds build cifar100 --file_format=array_record"),
+    ],
+)
+def test_main_rejects_bad_input_in_one_line(tmp_path, args, message):
+  workdir = tmp_path / "run"
+  result = run_main("--workdir", str(workdir), *args)
+  assert result.returncode != 0
+  assert message in result.stderr
+  error_lines = [line for line in result.stderr.splitlines() if message.split()[0] in line]
+  assert error_lines, result.stderr[-2000:]
+  assert not workdir.exists()
+
+
+def test_default_run_is_fast_and_accurate(tmp_path):
+  """`python train/main.py` as a user runs it: offline, under two minutes, ends with a summary."""
+  workdir = tmp_path / "default"
+  result = run_main("--workdir", str(workdir), timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = result.stdout.strip().splitlines()[-1]
+  assert summary.startswith("finished: test accuracy") and str(workdir) in summary
+  accuracy = float(summary.split("test accuracy ")[1].split()[0])
+  seconds = float(summary.split(" in ")[1].split(" s;")[0])
+  assert accuracy > 0.9
+  assert seconds < 120
