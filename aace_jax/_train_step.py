@@ -125,6 +125,36 @@ def _global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _mean_value_and_grad(fn, params, images, labels, micro_batches: int):
+  """`fn(params, images, labels, index) -> (value, aux)`: mean value and gradient over micro-batches.
+
+  With one micro-batch this is `jax.value_and_grad`; with k it scans over k
+  equal slices of the batch, holding one slice's activations at a time, and
+  returns the stacked `aux` of each slice.
+  """
+  if micro_batches == 1:
+    return jax.value_and_grad(fn, has_aux=True)(params, images, labels, 0)
+  if images.shape[0] % micro_batches:
+    raise ValueError(
+        f"make_train_step: a batch of {images.shape[0]} examples does not split into"
+        f" grad_accum_steps={micro_batches} equal micro-batches."
+    )
+  split = lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+
+  def accumulate(grad_sum, micro):
+    (value, aux), grads = jax.value_and_grad(fn, has_aux=True)(params, *micro)
+    return jax.tree.map(jnp.add, grad_sum, grads), (value, aux)
+
+  grad_sum, (values, aux) = jax.lax.scan(
+      accumulate, jax.tree.map(jnp.zeros_like, params), (split(images), split(labels), jnp.arange(micro_batches))
+  )
+  return (values.mean(), aux), jax.tree.map(lambda g: g / micro_batches, grad_sum)
+
+
 def make_train_step(
     apply_fn: ApplyFn,
     tx: optax.GradientTransformation,
@@ -133,6 +163,8 @@ def make_train_step(
     loss: PerExampleLoss = _losses.cross_entropy,
     axis_name: Optional[str] = None,
     sync_perturbation: bool = True,
+    grad_accum_steps: int = 1,
+    skip_nonfinite: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   r"""Builds a pure training step for SGD, SAM or AACE-SAM.
 
@@ -163,6 +195,18 @@ def make_train_step(
   with its own batch statistics during the step. Give ``tx`` no
   ``batch_axis_name`` of its own here: the step does the averaging.
 
+  Gradient accumulation (``grad_accum_steps=k``) splits each (per-device)
+  batch into k micro-batches and averages over them both the perturbation
+  gradient and the training-loss gradient at :math:`w_{adv}`: the perturbation
+  is computed once, from the whole batch, exactly as for a k-times larger
+  batch without BatchNorm (BatchNorm normalizes each micro-batch on its own;
+  the new running statistics are the mean of the micro-batches').
+
+  Non-finite steps (``skip_nonfinite``): if the perturbation gradient or the
+  final gradient has a NaN or an infinity (on any device), the step keeps
+  the parameters, model state and optimizer state as they were, still
+  advances ``step`` (so the data moves on), and reports ``skipped_steps=1``.
+
   ``tx`` must call ``grad_fn`` at most once, in its own trace (``aace_sam``,
   ``sam``, ``optax.chain`` and ``optax.inject_hyperparams`` do;
   ``optax.MultiSteps`` calls it under ``lax.cond`` and is not supported here).
@@ -177,6 +221,8 @@ def make_train_step(
       a plain optimizer).
     axis_name: the mapped axis for data parallelism, or None on one device.
     sync_perturbation: average the first-pass gradient over ``axis_name``.
+    grad_accum_steps: micro-batches per step, dividing the per-device batch.
+    skip_nonfinite: skip updates whose gradients are not finite.
 
   Returns:
     ``step(state, batch) -> (state, metrics)`` with ``batch = {"image",
@@ -184,10 +230,14 @@ def make_train_step(
     the first pass, for observation), ``perturbation_loss``, ``loss`` (at
     :math:`w_{adv}`), ``accuracy`` (first pass), ``perturbation_grad_norm``,
     ``perturbation_norm``, ``grad_norm`` (of the gradient given to the
-    optimizer) and ``learning_rate`` when ``tx`` injects one.
+    optimizer), ``skipped_steps`` (1 when the update was skipped) and
+    ``learning_rate`` when ``tx`` injects one.
   """
-  if not isinstance(sync_perturbation, bool):
-    raise TypeError(f"make_train_step: sync_perturbation must be a bool, got {sync_perturbation!r}.")
+  for name, flag in (("sync_perturbation", sync_perturbation), ("skip_nonfinite", skip_nonfinite)):
+    if not isinstance(flag, bool):
+      raise TypeError(f"make_train_step: {name} must be a bool, got {flag!r}.")
+  if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+    raise ValueError(f"make_train_step: grad_accum_steps must be a positive int, got {grad_accum_steps!r}.")
   if axis_name is not None and not isinstance(axis_name, str):
     raise TypeError(f"make_train_step: axis_name must be a str or None, got {axis_name!r}.")
   tx = optax.with_extra_args_support(tx)
@@ -204,18 +254,22 @@ def make_train_step(
     model_rng, loss_rng = jax.random.split(rng)
     sharpness_aware = _calls_grad_fn(tx, state.opt_state, state.params)
 
-    def first_pass(params):
-      logits, new_model_state = apply_fn(params, state.model_state, images, train=True, rng=model_rng)
+    def first_pass(params, images, labels, index):
+      micro_rng = jax.random.fold_in(model_rng, index)
+      logits, new_model_state = apply_fn(params, state.model_state, images, train=True, rng=micro_rng)
       if sharpness_aware:
-        extra = {"key": loss_rng} if perturbation_takes_key else {}
+        extra = {"key": jax.random.fold_in(loss_rng, index)} if perturbation_takes_key else {}
         objective = perturbation_loss(logits, labels, **extra).mean()
       else:
         objective = loss(logits, labels).mean()
       return objective, (logits, new_model_state)
 
-    (objective, (logits, new_model_state)), grads = jax.value_and_grad(first_pass, has_aux=True)(
-        state.params
+    (objective, (logits, new_model_state)), grads = _mean_value_and_grad(
+        first_pass, state.params, images, labels, grad_accum_steps
     )
+    if grad_accum_steps > 1:
+      logits = logits.reshape(-1, logits.shape[-1])
+      new_model_state = jax.tree.map(lambda x: x.mean(0), new_model_state)
     ce_loss = loss(logits, labels).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     metrics = {"ce_loss": ce_loss, "accuracy": accuracy}
@@ -223,21 +277,27 @@ def make_train_step(
     if sharpness_aware:
       if sync_perturbation:
         grads = average(grads)
+      finite = _all_finite(grads)
       # The perturbed pass's loss leaves tx.update through this trace-time
       # record, so the step needs no third forward pass to report it.
       perturbed = {}
 
       def grad_fn(perturbed_params):
-        def second_pass(params):
-          logits, _ = apply_fn(params, state.model_state, images, train=True, rng=model_rng)
-          return loss(logits, labels).mean()
+        def second_pass(params, images, labels, index):
+          micro_rng = jax.random.fold_in(model_rng, index)
+          logits, _ = apply_fn(params, state.model_state, images, train=True, rng=micro_rng)
+          return loss(logits, labels).mean(), None
 
-        perturbed["loss"], perturbed_grads = jax.value_and_grad(second_pass)(perturbed_params)
+        (perturbed["loss"], _), perturbed_grads = _mean_value_and_grad(
+            second_pass, perturbed_params, images, labels, grad_accum_steps
+        )
         perturbed_grads = average(perturbed_grads)
         perturbed["grad_norm"] = _global_norm(perturbed_grads)
+        perturbed["finite"] = _all_finite(perturbed_grads)
         return perturbed_grads
 
       updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+      finite = finite & perturbed["finite"]
       sam_states = _find_states(opt_state, _sam.SAMState)
       metrics.update(
           perturbation_loss=objective,
@@ -248,6 +308,7 @@ def make_train_step(
       )
     else:
       grads = average(grads)
+      finite = _all_finite(grads)
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       extra = {"key": loss_rng} if perturbation_takes_key else {}
       metrics.update(
@@ -260,12 +321,15 @@ def make_train_step(
     learning_rate = _learning_rate(opt_state)
     if learning_rate is not None:
       metrics["learning_rate"] = learning_rate
-    new_state = state._replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        model_state=average(new_model_state),
-        opt_state=opt_state,
-    )
+    updated = (optax.apply_updates(state.params, updates), average(new_model_state), opt_state)
+    if skip_nonfinite:
+      if axis_name is not None:  # every replica must take the same decision
+        finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
+      current = (state.params, state.model_state, state.opt_state)
+      updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, current)
+    metrics["skipped_steps"] = 1 - finite.astype(jnp.float32) if skip_nonfinite else jnp.zeros([])
+    params, model_state, opt_state = updated
+    new_state = state._replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
     return new_state, average({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
 
   step.axis_name = axis_name

@@ -165,6 +165,15 @@ class RecordError(ValueError):
   """A dataset record that cannot be used, named by its split and index."""
 
 
+def read_record(source, split: str, index: int) -> tuple[np.ndarray, int]:
+  """`(image, label)` of record `index`, or a `RecordError` naming it."""
+  try:
+    record = source[index]
+    return np.asarray(record["image"]), int(record["label"])
+  except Exception as error:
+    raise RecordError(f"{split} record {index} cannot be read: {type(error).__name__}: {error}") from error
+
+
 class Preprocessor:
   """Reads record `index` of `source`: a normalized float32 image and an int32 label.
 
@@ -180,12 +189,7 @@ class Preprocessor:
 
   def __call__(self, index, rng: Optional[np.random.Generator] = None) -> dict:
     index = int(index)
-    try:
-      record = self.source[index]
-      image = np.asarray(record["image"])
-      label = int(record["label"])
-    except Exception as error:
-      raise RecordError(f"{self.split} record {index} cannot be read: {type(error).__name__}: {error}") from error
+    image, label = read_record(self.source, self.split, index)
     if not 0 <= label < self.spec.num_classes:
       raise RecordError(f"{self.split} record {index} has label {label}, outside [0, {self.spec.num_classes}).")
     if image.ndim == 2:
@@ -276,10 +280,10 @@ def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 def channel_statistics(source, limit: int = 10_000) -> tuple[tuple, tuple]:
-  """Per-channel mean and std of up to `limit` training images."""
-  images = np.stack([to_float_image(source[i]["image"]) for i in range(min(limit, len(source)))])
+  """Per-channel mean and std of up to `limit` training images (NaN pixels ignored)."""
+  images = np.stack([to_float_image(read_record(source, "train", i)[0]) for i in range(min(limit, len(source)))])
   axes = tuple(range(images.ndim - 1))
-  return tuple(images.mean(axes).tolist()), tuple(images.std(axes).tolist())
+  return tuple(np.nanmean(images, axes).tolist()), tuple(np.nanstd(images, axes).tolist())
 
 
 def create_data(

@@ -28,6 +28,10 @@ DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / "configs" / "defa
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints; default: a new folder under ./runs/.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (auto-detected on TPU pods and SLURM).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --multihost outside TPU/SLURM.")
+flags.DEFINE_integer("num_processes", None, "Number of processes, for --multihost outside TPU/SLURM.")
+flags.DEFINE_integer("process_id", None, "This process's index, for --multihost outside TPU/SLURM.")
+flags.DEFINE_bool("dry_run", False, "Check the command and the config, print the config, and exit.")
 config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "A config file with get_config().", lock_config=True)
 
 
@@ -42,9 +46,22 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the progress output
-  if FLAGS.multihost or cluster_detected():
-    jax.distributed.initialize()
   config = FLAGS.config
+  if FLAGS.dry_run:
+    try:
+      train.check_config(config, device_count=None)
+    except train.ConfigError as error:
+      sys.exit(f"error: {error}")
+    print(config)
+    return
+  if FLAGS.multihost or cluster_detected():
+    # CPU collectives across processes need gloo; accelerators ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
   workdir = FLAGS.workdir or os.path.join(
       "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.optimizer}"
   )
@@ -52,17 +69,22 @@ def main(argv):
   start = time.time()
   try:
     result = train.train_and_evaluate(config, workdir)
-  except (train.ConfigError, input_pipeline.DatasetNotFoundError, input_pipeline.RecordError, ValueError) as error:
+  except (train.ConfigError, input_pipeline.DatasetNotFoundError, input_pipeline.RecordError,
+          train.CheckpointError, train.TrainingStopped, ValueError) as error:
     sys.exit(f"error: {error}")
-  if jax.process_index() == 0:
-    if result.get("epoch") is None:
-      print(f"nothing to train: the run in {workdir} is complete.")
-    else:
-      state = "finished" if result["finished"] else f"halted after epoch {int(result['epoch']) + 1}, rerun to resume"
-      print(
-          f"{state}: test accuracy {result['val_acc']:.4f} ({config.optimizer} on {config.dataset},"
-          f" {config.model}) in {time.time() - start:.1f} s; workdir {os.path.abspath(workdir)}"
-      )
+  if jax.process_index() != 0:
+    return
+  where = f"workdir {os.path.abspath(workdir)}"
+  if result["stopped_by"] in ("SIGTERM", "SIGINT", "signal on another host"):
+    print(f"stopped by {result['stopped_by']} at step {result['step']}, checkpoint written; rerun the same command to resume. {where}")
+  elif result.get("epoch") is None:
+    print(f"nothing to train: the run is complete. {where}")
+  else:
+    state = "finished" if result["finished"] else f"halted after epoch {int(result['epoch']) + 1}, rerun to resume"
+    print(
+        f"{state}: test accuracy {result['val_acc']:.4f} ({config.optimizer} on {config.dataset},"
+        f" {config.model}) in {time.time() - start:.1f} s; {where}"
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,10 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
+import signal
 import time
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -20,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -31,7 +35,7 @@ OPTIMIZERS = ("sgd", "sam", "aace_sam", "asam")
 DEFAULT_RHO = {"aace_sam": 0.2, "sam": 0.05, "asam": 0.5, "sgd": 0.0}
 CSV_COLUMNS = (
     "epoch", "lr", "avg_ce_loss", "avg_aace_loss", "avg_grad_norm", "avg_perturbation",
-    "train_loss", "train_acc", "val_loss", "val_acc", "images_per_sec", "wall_time",
+    "train_loss", "train_acc", "val_loss", "val_acc", "skipped_steps", "images_per_sec", "wall_time",
 )
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -40,8 +44,14 @@ class ConfigError(ValueError):
   """A configuration that cannot run; raised before anything is written."""
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises `ConfigError` naming the first bad field."""
+def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] = -1) -> None:
+  """Raises `ConfigError` naming the first bad field.
+
+  Batch sizes are checked against `device_count` (default: this machine's
+  devices; None skips that check, for a command checked on another machine).
+  """
+  if device_count == -1:
+    device_count = jax.device_count()
   checks = [
       (config.optimizer in OPTIMIZERS, f"optimizer {config.optimizer!r} is not one of {OPTIMIZERS}"),
       (config.dataset in input_pipeline.DATASETS, f"dataset {config.dataset!r} is not one of {sorted(input_pipeline.DATASETS)}"),
@@ -54,15 +64,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       (config.num_epochs >= 1, f"num_epochs must be >= 1, got {config.num_epochs}"),
       (config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}"),
       (config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}"),
-      (
-          config.batch_size % jax.device_count() == 0,
-          f"batch_size {config.batch_size} is not divisible by the {jax.device_count()} devices",
-      ),
-      (
-          config.eval_batch_size % jax.device_count() == 0,
-          f"eval_batch_size {config.eval_batch_size} is not divisible by the {jax.device_count()} devices",
-      ),
+      (config.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}"),
+      (config.max_consecutive_skips >= 1, f"max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}"),
   ]
+  if device_count is not None:
+    checks += [
+        (
+            config.batch_size % device_count == 0,
+            f"batch_size {config.batch_size} is not divisible by the {device_count} devices",
+        ),
+        (
+            config.eval_batch_size % device_count == 0,
+            f"eval_batch_size {config.eval_batch_size} is not divisible by the {device_count} devices",
+        ),
+        (
+            (config.batch_size // device_count) % config.grad_accum_steps == 0,
+            f"the per-device batch {config.batch_size // device_count} does not split into"
+            f" grad_accum_steps={config.grad_accum_steps} micro-batches",
+        ),
+    ]
   for ok, message in checks:
     if not ok:
       raise ConfigError(f"Bad config: {message}.")
@@ -131,7 +151,7 @@ class RunFiles:
     if not os.path.exists(self.csv_path):
       return []
     with open(self.csv_path, newline="") as f:
-      return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+      return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
   def keep_epochs_before(self, epoch: int) -> list[dict]:
     """Drops rows of epochs a checkpoint does not cover (a crash after the CSV write)."""
@@ -191,7 +211,7 @@ class RunFiles:
 
 
 # Fields that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"halt_after_epochs", "log_every_steps"}
+RESUMABLE_CHANGES = {"halt_after_epochs", "log_every_steps", "overwrite"}
 
 
 def check_resumable(config, workdir: str) -> None:
@@ -218,13 +238,14 @@ def write_config(config, workdir: str) -> None:
 
 
 def epoch_summary(step_metrics: list[dict]) -> dict:
-  """Means over an epoch's steps (the learning rate: its last value, as the authors log it).
-
-  Fetched from the devices once per epoch.
+  """Means over an epoch's applied steps; the learning rate's last value (as the authors log
+  it); the number of skipped steps. Fetched from the devices once per epoch.
   """
   stacked = jax.device_get({k: jnp.stack([m[k] for m in step_metrics]) for k in step_metrics[0]})
-  summary = {k: float(np.mean(v)) for k, v in stacked.items()}
+  applied = stacked["skipped_steps"] == 0
+  summary = {k: float(np.mean(v[applied])) if applied.any() else float("nan") for k, v in stacked.items()}
   summary["learning_rate"] = float(stacked["learning_rate"][-1])
+  summary["skipped_steps"] = float(np.sum(stacked["skipped_steps"]))
   return summary
 
 
@@ -237,16 +258,97 @@ def evaluate(eval_step, state, data, to_global) -> tuple[float, float]:
   return totals["loss_sum"] / totals["count"], totals["correct"] / totals["count"]
 
 
+class TrainingStopped(RuntimeError):
+  """Training cannot go on (non-finite gradients); the last good state is checkpointed."""
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the workdir can be read."""
+
+
+def restore_latest(checkpoints: ocp.CheckpointManager, state: aace_jax.TrainState) -> aace_jax.TrainState:
+  """The newest readable checkpoint; a damaged one is skipped with a warning."""
+  steps = sorted(checkpoints.all_steps(), reverse=True)
+  if not steps:
+    return state
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_to_checkpoint(state))
+  failures = []
+  for step in steps:
+    try:
+      restored = checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as error:  # orbax raises many types for damaged files
+      failures.append(f"step {step}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+      logging.warning("checkpoint at step %d is unreadable (%s); falling back to the previous one", step, failures[-1])
+      continue
+    if int(restored["step"]) != step:
+      failures.append(f"step {step}: it holds step {int(restored['step'])}")
+      logging.warning("checkpoint at step %d is inconsistent; falling back to the previous one", step)
+      continue
+    if failures:
+      # Deleted so that the resumed run can write those steps again.
+      for damaged in (s for s in steps if s > step):
+        checkpoints.delete(damaged)
+      warnings.warn(
+          f"resumed from the checkpoint at step {step}: newer ones were unreadable and are deleted"
+          f" ({'; '.join(failures)})"
+      )
+    return state_from_checkpoint(restored)
+  raise CheckpointError(
+      f"no readable checkpoint in {checkpoints.directory} ({'; '.join(failures)}); rerun with"
+      " --config.overwrite=True to start over, or use a new --workdir."
+  )
+
+
+class StopSignals:
+  """Turns SIGTERM and SIGINT into a request to stop after the current step."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def any_host_received(self) -> bool:
+    if jax.process_count() == 1:
+      return self.received is not None
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(self.received is not None))))
+
+
+def clear_run(workdir: str) -> None:
+  """Removes a previous run's outputs (for --config.overwrite=True)."""
+  for name in ("config.json", "metrics.csv"):
+    if os.path.exists(os.path.join(workdir, name)):
+      os.remove(os.path.join(workdir, name))
+  for name in ("checkpoints", "tensorboard", "plots"):
+    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `config.model` on `config.dataset` with `config.optimizer` and evaluates each epoch.
 
-  Resumes from the latest checkpoint in `workdir/checkpoints` if there is one.
+  Resumes from the newest readable checkpoint in `workdir/checkpoints`. Stops
+  early, resumably, after `config.halt_after_epochs` epochs or on SIGTERM/SIGINT
+  (after the current step, with a checkpoint).
 
   Returns:
-    The last epoch's CSV row plus `workdir`.
+    The last finished epoch's CSV row plus `workdir`, `finished` and `stopped_by`.
   """
   check_config(config)
-  check_resumable(config, workdir)
+  if not config.overwrite:
+    check_resumable(config, workdir)
   is_writer = jax.process_index() == 0
   data = input_pipeline.create_data(
       config.dataset,
@@ -268,7 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_step = aace_jax.shard_train_step(
       aace_jax.make_train_step(
           apply_fn, tx, perturbation_loss=perturbation_loss, loss=loss, axis_name="data",
-          sync_perturbation=config.sync_perturbation,
+          sync_perturbation=config.sync_perturbation, grad_accum_steps=config.grad_accum_steps,
       ),
       mesh,
   )
@@ -286,75 +388,110 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Everything that can be wrong with the inputs is known by now: write.
   os.makedirs(workdir, exist_ok=True)
   if is_writer:
+    if config.overwrite:
+      clear_run(workdir)
     write_config(config, workdir)
   files = RunFiles(workdir, enabled=is_writer)
   checkpoints = ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint_max_to_keep, create=True),
   )
-  if checkpoints.latest_step() is not None:
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_to_checkpoint(state)
-    )
-    state = state_from_checkpoint(
-        checkpoints.restore(checkpoints.latest_step(), args=ocp.args.StandardRestore(abstract))
-    )
+
+  def save(state):
+    step = int(jax.device_get(state.step))
+    if step not in checkpoints.all_steps():
+      checkpoints.save(step, args=ocp.args.StandardSave(state_to_checkpoint(state)))
+      checkpoints.wait_until_finished()
+
+  state = restore_latest(checkpoints, state)
   start_step = int(jax.device_get(state.step))
   start_epoch = start_step // steps_per_epoch
   rows = files.keep_epochs_before(start_epoch)
   wall_offset = rows[-1]["wall_time"] if rows else 0.0
   run_start = time.time()
   last_row = rows[-1] if rows else None
+  stopped_by = None
+  skip_streak = 0
 
   from tqdm.auto import tqdm
 
   halt_at = None if config.halt_after_epochs is None else start_epoch + config.halt_after_epochs
-  for epoch in range(start_epoch, config.num_epochs):
-    if halt_at is not None and epoch >= halt_at:
-      break
-    first = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
-    bar = tqdm(
-        total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.num_epochs}",
-        disable=not is_writer, leave=False, dynamic_ncols=True,
-    )
-    epoch_start = time.time()
-    step_metrics = []
-    for index, batch in enumerate(data.train_epoch(epoch, first), start=first):
-      state, metrics = train_step(state, to_global(batch))
-      step_metrics.append(metrics)
-      if is_writer and (index + 1) % config.log_every_steps == 0:
-        latest = jax.device_get(metrics)
-        bar.set_postfix(
-            loss=f"{latest['loss']:.3f}", acc=f"{latest['accuracy']:.3f}", lr=f"{latest['learning_rate']:.4g}"
-        )
-      bar.update(1)
-    bar.close()
-    summary = epoch_summary(step_metrics)
-    epoch_seconds = time.time() - epoch_start
-    val_loss, val_acc = evaluate(eval_step, state, data, to_global)
-    checkpoints.save(int(jax.device_get(state.step)), args=ocp.args.StandardSave(state_to_checkpoint(state)))
-    checkpoints.wait_until_finished()
-    last_row = {
-        "epoch": epoch,
-        "lr": summary["learning_rate"],
-        "avg_ce_loss": summary["ce_loss"],
-        "avg_aace_loss": summary["perturbation_loss"],
-        "avg_grad_norm": summary["perturbation_grad_norm"],
-        "avg_perturbation": summary["perturbation_norm"],
-        "train_loss": summary["loss"],
-        "train_acc": summary["accuracy"],
-        "val_loss": val_loss,
-        "val_acc": val_acc,
-        "images_per_sec": len(step_metrics) * config.batch_size / epoch_seconds,
-        "wall_time": wall_offset + time.time() - run_start,
-    }
-    files.append(last_row)
-    if is_writer:
-      tqdm.write(
-          f"epoch {epoch + 1}/{config.num_epochs}: train loss {last_row['train_loss']:.4f}"
-          f" acc {last_row['train_acc']:.4f} | val loss {val_loss:.4f} acc {val_acc:.4f}"
-          f" | lr {last_row['lr']:.4g} | {last_row['images_per_sec']:.0f} img/s"
+  with StopSignals() as signals:
+    for epoch in range(start_epoch, config.num_epochs):
+      if halt_at is not None and epoch >= halt_at:
+        stopped_by = "halt_after_epochs"
+        break
+      first = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
+      bar = tqdm(
+          total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.num_epochs}",
+          disable=not is_writer, leave=False, dynamic_ncols=True,
       )
+      epoch_start = time.time()
+      step_metrics, unchecked = [], []
+      for index, batch in enumerate(data.train_epoch(epoch, first), start=first):
+        state, metrics = train_step(state, to_global(batch))
+        step_metrics.append(metrics)
+        unchecked.append(metrics["skipped_steps"])
+        bar.update(1)
+        at_log_point = (index + 1) % config.log_every_steps == 0 or index + 1 == steps_per_epoch
+        if at_log_point:
+          latest = jax.device_get(metrics)
+          bar.set_postfix(loss=f"{latest['loss']:.3f}", acc=f"{latest['accuracy']:.3f}", lr=f"{latest['learning_rate']:.4g}")
+          for skipped in jax.device_get(unchecked):
+            skip_streak = skip_streak + 1 if skipped else 0
+          unchecked = []
+          if skip_streak >= config.max_consecutive_skips:
+            save(state)  # skipped steps leave the state as it was: this is the last good one
+            raise TrainingStopped(
+                f"stopped: the last {skip_streak} steps had non-finite gradients and were skipped (step"
+                f" {int(jax.device_get(state.step))}); the last good state is checkpointed in {workdir}."
+            )
+        # Hosts must agree on when to stop: several compare notes at log points only.
+        if (jax.process_count() == 1 or at_log_point) and signals.any_host_received():
+          stopped_by = signals.received or "signal on another host"
+          break
+      bar.close()
+      if stopped_by is not None:
+        save(state)
+        break
+      last_row = finish_epoch(epoch, step_metrics, time.time() - epoch_start, state, data, eval_step, to_global, config)
+      last_row["wall_time"] = wall_offset + time.time() - run_start
+      save(state)
+      files.append(last_row)
+      if is_writer:
+        tqdm.write(
+            f"epoch {epoch + 1}/{config.num_epochs}: train loss {last_row['train_loss']:.4f}"
+            f" acc {last_row['train_acc']:.4f} | val loss {last_row['val_loss']:.4f} acc {last_row['val_acc']:.4f}"
+            f" | lr {last_row['lr']:.4g} | {last_row['images_per_sec']:.0f} img/s"
+        )
   checkpoints.close()
   files.close()
-  return {**(last_row or {}), "workdir": workdir, "finished": last_row is not None and last_row["epoch"] == config.num_epochs - 1}
+  finished = stopped_by is None and last_row is not None and last_row["epoch"] == config.num_epochs - 1
+  return {
+      **(last_row or {}),
+      "workdir": workdir,
+      "finished": finished,
+      "stopped_by": stopped_by,
+      "step": int(jax.device_get(state.step)),
+  }
+
+
+def finish_epoch(epoch, step_metrics, seconds, state, data, eval_step, to_global, config) -> dict:
+  """The epoch's CSV row: training means, evaluation, throughput."""
+  summary = epoch_summary(step_metrics)
+  val_loss, val_acc = evaluate(eval_step, state, data, to_global)
+  return {
+      "epoch": epoch,
+      "lr": summary["learning_rate"],
+      "avg_ce_loss": summary["ce_loss"],
+      "avg_aace_loss": summary["perturbation_loss"],
+      "avg_grad_norm": summary["perturbation_grad_norm"],
+      "avg_perturbation": summary["perturbation_norm"],
+      "train_loss": summary["loss"],
+      "train_acc": summary["accuracy"],
+      "val_loss": val_loss,
+      "val_acc": val_acc,
+      "skipped_steps": summary["skipped_steps"],
+      "images_per_sec": len(step_metrics) * config.batch_size / seconds,
+      "wall_time": 0.0,
+  }

@@ -42,10 +42,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.lr_decay = 0.2
   config.lr_milestones = (0.3, 0.6, 0.8)
   config.num_epochs = 30
+  config.grad_accum_steps = 1  # micro-batches per step (same update, less memory)
 
   # Run.
   config.seed = 42
   config.log_every_steps = 10
   config.checkpoint_max_to_keep = 3
   config.halt_after_epochs = config_dict.placeholder(int)  # stop this invocation early, resumable
+  config.max_consecutive_skips = 10  # stop after this many steps in a row with non-finite gradients
+  config.overwrite = False  # True: discard a previous run in the workdir instead of resuming it
   return config

@@ -1,0 +1,61 @@
+"""The trainer as 2 processes x 1 CPU device (jax.distributed, gloo) equals 1 process x 2 devices."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from tests.test_trainer import latest_checkpoint, read_csv
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = ["--config.num_epochs=1", "--config.batch_size=64", "--config.eval_batch_size=128"]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def launch(args, devices):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, str(REPO / "train" / "main.py"), *args, *CONFIG],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+
+def finish(procs):
+  try:
+    outputs = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  return [out for out, _ in outputs]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  single, multi = tmp_path / "single", tmp_path / "multi"
+  finish([launch(["--workdir", str(single)], devices=2)])
+  port = free_port()
+  outputs = finish([
+      launch(["--workdir", str(multi), "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+              "--num_processes=2", f"--process_id={i}"], devices=1)
+      for i in range(2)
+  ])
+  assert "finished: test accuracy" in outputs[0]
+  assert "finished" not in outputs[1]  # only process 0 reports and writes
+  assert len(read_csv(str(multi))) == 1
+  step_a, tree_a = latest_checkpoint(str(single))
+  step_b, tree_b = latest_checkpoint(str(multi))
+  assert step_a == step_b
+  leaves_a, leaves_b = jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)
+  assert len(leaves_a) == len(leaves_b)
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  rows_a, rows_b = read_csv(str(single)), read_csv(str(multi))
+  assert float(rows_a[0]["val_acc"]) == float(rows_b[0]["val_acc"])
