@@ -64,8 +64,8 @@ def linen_apply_fn(module) -> ApplyFn:
 
   ``params`` is the ``"params"`` collection and ``model_state`` holds the
   other collections (``{"batch_stats": ...}``); in training they are mutable
-  and their new values are returned, and ``rng`` feeds the ``"dropout"``
-  stream.
+  and their new values are returned, and ``rng`` (may be None) feeds the
+  ``"dropout"`` stream.
 
   Args:
     module: a ``flax.linen.Module``.
@@ -77,9 +77,8 @@ def linen_apply_fn(module) -> ApplyFn:
   def apply_fn(params, model_state, images, *, train, rng):
     variables = {"params": params, **model_state}
     if train:
-      return module.apply(
-          variables, images, train=True, rngs={"dropout": rng}, mutable=list(model_state)
-      )
+      rngs = {} if rng is None else {"dropout": rng}
+      return module.apply(variables, images, train=True, rngs=rngs, mutable=list(model_state))
     return module.apply(variables, images, train=False), model_state
 
   return apply_fn

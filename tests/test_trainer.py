@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -54,9 +55,14 @@ def read_events(workdir):
 
 
 def latest_checkpoint(workdir):
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  """The newest checkpoint as host arrays, whatever device layout wrote it."""
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")), item_handlers=ocp.StandardCheckpointHandler()
+  )
   step = manager.latest_step()
-  tree = manager.restore(step, args=ocp.args.StandardRestore())
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), manager.item_metadata(step))
+  tree = jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(target)))
   manager.close()
   return step, tree
 

@@ -8,8 +8,8 @@ shuffles, augments and batches them in NumPy. Every epoch is a random-access
 checkpointing the step checkpoints the iterator, and a resumed run reads
 exactly the batches an uninterrupted one would.
 
-Every host reads its own slice (`process_index::process_count`) of each
-epoch's permutation; the global batch is `per_host_batch * process_count`.
+Every host reads its own contiguous block of each global batch
+(`per_host_batch * process_count` examples of the epoch's permutation).
 """
 
 import dataclasses
@@ -244,12 +244,22 @@ class Data:
   def train_epoch(self, epoch: int, start_step: int = 0, num_threads: int = 4) -> Iterator[dict]:
     """The host's batches of `epoch`, from batch `start_step` on."""
     preprocess = Preprocessor(self.spec, self.train_source, "train", self.mean, self.std, train=True)
+    order = grain.MapDataset.range(len(self.train_source)).shuffle(seed=_epoch_seed(self.seed, epoch, 0))
+    global_batch = self.per_host_batch * self.process_count
+    augment_seed = _epoch_seed(self.seed, epoch, 1)
+
+    def example(local_position: int) -> dict:
+      # This host's rows of each global batch are one contiguous block of it,
+      # and the augmentation draws depend on the global position alone: the
+      # batches, and each device's share of them, do not depend on the number
+      # of hosts.
+      batch, row = divmod(local_position, self.per_host_batch)
+      position = batch * global_batch + self.process_index * self.per_host_batch + row
+      return preprocess(order[position], np.random.default_rng([augment_seed, position]))
+
     dataset = (
-        grain.MapDataset.range(len(self.train_source))
-        .shuffle(seed=_epoch_seed(self.seed, epoch, 0))
-        [: self.steps_per_epoch * self.per_host_batch * self.process_count]
-        [self.process_index :: self.process_count]
-        .random_map(preprocess, seed=_epoch_seed(self.seed, epoch, 1))
+        grain.MapDataset.range(self.steps_per_epoch * self.per_host_batch)
+        .map(example)
         .batch(self.per_host_batch, drop_remainder=True)
     )
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
