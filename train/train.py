@@ -15,7 +15,7 @@ import shutil
 import signal
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -336,20 +336,18 @@ def clear_run(workdir: str) -> None:
     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `config.model` on `config.dataset` with `config.optimizer` and evaluates each epoch.
+class Experiment(NamedTuple):
+  """What a run needs, built from the config before anything is written."""
 
-  Resumes from the newest readable checkpoint in `workdir/checkpoints`. Stops
-  early, resumably, after `config.halt_after_epochs` epochs or on SIGTERM/SIGINT
-  (after the current step, with a checkpoint).
+  data: input_pipeline.Data
+  state: aace_jax.TrainState
+  train_step: Callable
+  eval_step: Callable
+  to_global: Callable
 
-  Returns:
-    The last finished epoch's CSV row plus `workdir`, `finished` and `stopped_by`.
-  """
-  check_config(config)
-  if not config.overwrite:
-    check_resumable(config, workdir)
-  is_writer = jax.process_index() == 0
+
+def create_experiment(config: ml_collections.ConfigDict) -> Experiment:
+  """Opens the data, builds the model, optimizer and jitted steps over a mesh of every device."""
   data = input_pipeline.create_data(
       config.dataset,
       global_batch=config.batch_size,
@@ -360,8 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       process_count=jax.process_count(),
   )
   input_pipeline.check_in_memory_labels(data)
-  steps_per_epoch = data.steps_per_epoch
-  tx, perturbation_loss, loss = create_optimizer(config, steps_per_epoch)
+  tx, perturbation_loss, loss = create_optimizer(config, data.steps_per_epoch)
   model = models.create_model(config.model, data.spec.num_classes, DTYPES[config.dtype])
   apply_fn = aace_jax.linen_apply_fn(model)
 
@@ -383,7 +380,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, *data.spec.image_shape)), train=False))(init_key)
   params = variables.pop("params")
   state = aace_jax.TrainState.create(params=params, model_state=dict(variables), tx=tx, rng=state_key)
-  state = aace_jax.replicate_on_mesh(state, mesh)
+  return Experiment(data, aace_jax.replicate_on_mesh(state, mesh), train_step, eval_step, to_global)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `config.model` on `config.dataset` with `config.optimizer` and evaluates each epoch.
+
+  Resumes from the newest readable checkpoint in `workdir/checkpoints`. Stops
+  early, resumably, after `config.halt_after_epochs` epochs or on SIGTERM/SIGINT
+  (after the current step, with a checkpoint).
+
+  Returns:
+    The last finished epoch's CSV row plus `workdir`, `finished` and `stopped_by`.
+  """
+  check_config(config)
+  if not config.overwrite:
+    check_resumable(config, workdir)
+  is_writer = jax.process_index() == 0
+  data, state, train_step, eval_step, to_global = create_experiment(config)
+  steps_per_epoch = data.steps_per_epoch
 
   # Everything that can be wrong with the inputs is known by now: write.
   os.makedirs(workdir, exist_ok=True)
