@@ -3,11 +3,12 @@
     python benchmarks/step_time.py --model wrn16_4 --batch 128 --steps 20 --json
     python benchmarks/step_time.py --model wrn28_10 --batch 256 --dtype bfloat16
 
-Each method runs in its own process (so peak device memory is its own) with
-the same model, batch, dtype and data; the step is the full jitted
-`aace_jax.make_train_step` with buffers donated. Reported: the median wall
-time of `--steps` steps after two warm-up steps (compilation excluded), and
-the peak device memory where the backend reports it (GPU/TPU; not CPU).
+All methods use the same model, batch, dtype and data; the step is the full
+jitted `aace_jax.make_train_step` with buffers donated. Reported: the median
+wall time of `--steps` steps after two warm-up steps (compilation excluded),
+the methods timed round-robin in one process so that drifts of the machine hit
+all of them alike; and, where the backend reports it (GPU/TPU, not CPU), the
+peak device memory of each method measured alone in a child process.
 """
 
 import argparse
@@ -32,7 +33,7 @@ def parse_args(argv=None):
   parser.add_argument("--image_size", type=int, default=32)
   parser.add_argument("--num_classes", type=int, default=100)
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-  parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # one method, in a child process
+  parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # peak memory of one method, in a child
   args = parser.parse_args(argv)
   if args.batch < 1 or args.steps < 1:
     parser.error(f"--batch and --steps must be positive, got {args.batch} and {args.steps}")
@@ -52,7 +53,8 @@ def optax_contrib_aace_sam(optimizer, rho):
   return optax.GradientTransformationExtraArgs(contrib.init, update)
 
 
-def time_one_method(args) -> dict:
+def build_step(args, method):
+  """The jitted, donating train step of `method` and its initial state and batch."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -67,7 +69,7 @@ def time_one_method(args) -> dict:
       "sam": (aace_jax.sam(base, 0.05), aace_jax.cross_entropy),
       "aace_sam": (aace_jax.aace_sam(base, 0.2), aace_jax.aace_cross_entropy),
       "optax_contrib_sam": (optax_contrib_aace_sam(base, 0.2), aace_jax.aace_cross_entropy),
-  }[args.method]
+  }[method]
   model = models.create_model(args.model, args.num_classes, jnp.dtype(args.dtype))
   rng = np.random.default_rng(0)
   batch = {
@@ -82,47 +84,73 @@ def time_one_method(args) -> dict:
       aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx, perturbation_loss=perturbation_loss),
       donate_argnums=0,
   )
-  for _ in range(2):
-    state, metrics = step(state, batch)
-  jax.block_until_ready((state, metrics))
-  times = []
-  for _ in range(args.steps):
-    start = time.perf_counter()
-    state, metrics = step(state, batch)
+  return step, state, batch
+
+
+def time_methods(args) -> dict:
+  """Median seconds per step of every method, timed round-robin in this process.
+
+  Interleaving the methods step by step makes slow drifts of the machine
+  (other load, clocks) fall on all of them alike.
+  """
+  import jax
+  import numpy as np
+
+  runs = {method: build_step(args, method) for method in METHODS}
+  states = {}
+  for method, (step, state, batch) in runs.items():
+    for _ in range(2):  # compile and warm up
+      state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
+    states[method] = state
+  times = {method: [] for method in METHODS}
+  for _ in range(args.steps):
+    for method, (step, _, batch) in runs.items():
+      start = time.perf_counter()
+      states[method], metrics = step(states[method], batch)
+      jax.block_until_ready((states[method], metrics))
+      times[method].append(time.perf_counter() - start)
   device = jax.devices()[0]
-  memory = device.memory_stats() or {}
   return {
-      "seconds": statistics.median(times),
-      "peak_bytes": memory.get("peak_bytes_in_use"),
       "backend": jax.default_backend(),
       "device": device.device_kind,
-      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(state.params))),
-      "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
+      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(states["sgd"].params))),
+      "results": {method: statistics.median(t) for method, t in times.items()},
+      "memory_reported": device.memory_stats() is not None,
   }
 
 
+def peak_memory_of_one_method(args) -> dict:
+  """Peak device memory of a few steps of `args.method`, alone in this process."""
+  import jax
+
+  step, state, batch = build_step(args, args.method)
+  for _ in range(3):
+    state, metrics = step(state, batch)
+  jax.block_until_ready((state, metrics))
+  return {"peak_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")}
+
+
 def run_all(args) -> dict:
-  children = {}
-  for method in METHODS:
-    command = [sys.executable, __file__, "--method", method, "--model", args.model, "--batch", str(args.batch),
-               "--steps", str(args.steps), "--dtype", args.dtype, "--image_size", str(args.image_size),
-               "--num_classes", str(args.num_classes)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-      raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
-    children[method] = json.loads(result.stdout.strip().splitlines()[-1])
-  first = children["sgd"]
+  report = time_methods(args)
+  peaks = {method: None for method in METHODS}
+  if report.pop("memory_reported"):
+    for method in METHODS:
+      command = [sys.executable, __file__, "--method", method, "--model", args.model, "--batch", str(args.batch),
+                 "--dtype", args.dtype, "--image_size", str(args.image_size), "--num_classes", str(args.num_classes)]
+      result = subprocess.run(command, capture_output=True, text=True)
+      if result.returncode != 0:
+        raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
+      peaks[method] = json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
   return {
-      "backend": first["backend"],
-      "device": first["device"],
+      "backend": report["backend"],
+      "device": report["device"],
       "model": args.model,
       "batch": args.batch,
       "dtype": args.dtype,
-      "params": first["params"],
-      "results": {m: c["seconds"] for m, c in children.items()},
-      "peak_bytes": {m: c["peak_bytes"] for m, c in children.items()},
+      "params": report["params"],
+      "results": report["results"],
+      "peak_bytes": peaks,
   }
 
 
@@ -146,7 +174,7 @@ def table(report: dict) -> str:
 def main(argv=None):
   args = parse_args(argv)
   if args.method:
-    print(json.dumps(time_one_method(args)))
+    print(json.dumps(peak_memory_of_one_method(args)))
     return
   report = run_all(args)
   print(json.dumps(report) if args.json else table(report))
