@@ -43,7 +43,7 @@ def _upcast(x: jax.Array) -> jax.Array:
   return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def _global_norm(tree) -> jax.Array:
+def global_norm(tree) -> jax.Array:
   # Squares are summed in at least float32: bfloat16/float16 overflow or lose
   # the small terms of a large model's norm.
   squares = [jnp.sum(jnp.square(_upcast(x))) for x in jax.tree.leaves(tree)]
@@ -102,7 +102,7 @@ def _sharpness_aware(
     if adaptive:
       # ASAM: the step is T^2 g / ||T g|| with T = |w|.
       grads = jax.tree.map(lambda g, w: g * jnp.abs(w).astype(g.dtype), grads, params)
-    grad_norm = _global_norm(grads)
+    grad_norm = global_norm(grads)
     if adaptive:
       grads = jax.tree.map(lambda g, w: g * jnp.abs(w).astype(g.dtype), grads, params)
     scale = sign * rho
@@ -111,7 +111,7 @@ def _sharpness_aware(
       # A zero gradient gives a zero perturbation even with eps=0.
       scale = jnp.where(denominator > 0, scale / jnp.where(denominator > 0, denominator, 1), 0)
     perturbation = jax.tree.map(lambda g: scale * _upcast(g), grads)
-    perturbation_norm = _global_norm(perturbation)
+    perturbation_norm = global_norm(perturbation)
     perturbed_params = jax.tree.map(
         lambda w, e: (w + e).astype(w.dtype), params, perturbation
     )

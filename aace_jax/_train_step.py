@@ -120,10 +120,6 @@ def _learning_rate(opt_state) -> Optional[jax.Array]:
   return None
 
 
-def _global_norm(tree) -> jax.Array:
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
-
-
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
@@ -291,7 +287,7 @@ def make_train_step(
             second_pass, perturbed_params, images, labels, grad_accum_steps
         )
         perturbed_grads = average(perturbed_grads)
-        perturbed["grad_norm"] = _global_norm(perturbed_grads)
+        perturbed["grad_norm"] = _sam.global_norm(perturbed_grads)
         perturbed["finite"] = _all_finite(perturbed_grads)
         return perturbed_grads
 
@@ -313,7 +309,7 @@ def make_train_step(
       metrics.update(
           perturbation_loss=perturbation_loss(logits, labels, **extra).mean(),
           loss=objective,
-          grad_norm=_global_norm(grads),
+          grad_norm=_sam.global_norm(grads),
           perturbation_grad_norm=jnp.zeros([]),
           perturbation_norm=jnp.zeros([]),
       )

@@ -1,5 +1,7 @@
 """Small models and hand-driven steps shared by the single- and multi-device tests."""
 
+import socket
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -58,3 +60,10 @@ def first_pass_batch_stats(model, variables, images):
   """BatchNorm statistics after one training pass of `model` at its initial parameters."""
   _, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
   return updates["batch_stats"]
+
+
+def free_port() -> int:
+  """A free TCP port on the loopback interface, for a jax.distributed coordinator."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

@@ -1,19 +1,14 @@
 """2 processes x 4 CPU devices (jax.distributed over 127.0.0.1, gloo) equal 1 process x 8 devices."""
 
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
+from tests.helpers import free_port
+
 WORKER = pathlib.Path(__file__).resolve().parent / "multihost_worker.py"
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def run_processes(num_processes, out):

@@ -2,23 +2,17 @@
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 
+from tests.helpers import free_port
 from tests.test_trainer import latest_checkpoint, read_csv
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = ["--config.num_epochs=1", "--config.batch_size=64", "--config.eval_batch_size=128"]
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def launch(args, devices):
