@@ -227,6 +227,25 @@ def make_train_step(
     ``perturbation_norm``, ``grad_norm`` (of the gradient given to the
     optimizer), ``skipped_steps`` (1 when the update was skipped) and
     ``learning_rate`` when ``tx`` injects one.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import aace_jax
+    >>> def apply_fn(params, model_state, images, *, train, rng):
+    ...   return images @ params["w"], model_state
+    >>> tx = aace_jax.aace_sam(optax.sgd(0.5), rho=0.2)
+    >>> state = aace_jax.TrainState.create(params={"w": jnp.zeros((2, 2))}, tx=tx, rng=jax.random.key(0))
+    >>> batch = {"image": jnp.array([[1.0, 0.0], [0.0, 1.0]]), "label": jnp.array([0, 1])}
+    >>> step = jax.jit(aace_jax.make_train_step(apply_fn, tx))
+    >>> for _ in range(20):
+    ...   state, metrics = step(state, batch)
+    >>> print(int(state.step), float(metrics["accuracy"]), bool(metrics["loss"] < 0.5))
+    20 1.0 True
+
+  References:
+    Ratchatorn and Tanaka, `Adaptive Adversarial Cross-Entropy Loss for
+    Sharpness-Aware Minimization <https://arxiv.org/abs/2406.14329>`_,
+    ICIP 2024.
   """
   for name, flag in (("sync_perturbation", sync_perturbation), ("skip_nonfinite", skip_nonfinite)):
     if not isinstance(flag, bool):
