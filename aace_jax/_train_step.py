@@ -268,9 +268,12 @@ def make_train_step(
     model_rng, loss_rng = jax.random.split(rng)
     sharpness_aware = _calls_grad_fn(tx, state.opt_state, state.params)
 
+    def forward(params, images, index):
+      """Training-mode logits and new model state of micro-batch `index` (the same rng in both passes)."""
+      return apply_fn(params, state.model_state, images, train=True, rng=jax.random.fold_in(model_rng, index))
+
     def first_pass(params, images, labels, index):
-      micro_rng = jax.random.fold_in(model_rng, index)
-      logits, new_model_state = apply_fn(params, state.model_state, images, train=True, rng=micro_rng)
+      logits, new_model_state = forward(params, images, index)
       if sharpness_aware:
         extra = {"key": jax.random.fold_in(loss_rng, index)} if perturbation_takes_key else {}
         objective = perturbation_loss(logits, labels, **extra).mean()
@@ -298,8 +301,7 @@ def make_train_step(
 
       def grad_fn(perturbed_params):
         def second_pass(params, images, labels, index):
-          micro_rng = jax.random.fold_in(model_rng, index)
-          logits, _ = apply_fn(params, state.model_state, images, train=True, rng=micro_rng)
+          logits, _ = forward(params, images, index)
           return loss(logits, labels).mean(), None
 
         (perturbed["loss"], _), perturbed_grads = _mean_value_and_grad(

@@ -442,26 +442,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           disable=not is_writer, leave=False, dynamic_ncols=True,
       )
       epoch_start = time.time()
-      step_metrics, unchecked = [], []
+      step_metrics, checked = [], 0
       for index, batch in enumerate(data.train_epoch(epoch, first), start=first):
         state, metrics = train_step(state, to_global(batch))
         step_metrics.append(metrics)
-        unchecked.append(metrics["skipped_steps"])
         bar.update(1)
         at_log_point = (index + 1) % config.log_every_steps == 0 or index + 1 == steps_per_epoch
         if at_log_point:
           latest = jax.device_get(metrics)
           bar.set_postfix(loss=f"{latest['loss']:.3f}", acc=f"{latest['accuracy']:.3f}", lr=f"{latest['learning_rate']:.4g}")
-          for skipped in jax.device_get(unchecked):
+          for skipped in jax.device_get([m["skipped_steps"] for m in step_metrics[checked:]]):
             skip_streak = skip_streak + 1 if skipped else 0
-          unchecked = []
+          checked = len(step_metrics)
           if skip_streak >= config.max_consecutive_skips:
             save(state)  # skipped steps leave the state as it was: this is the last good one
             raise TrainingStopped(
                 f"stopped: the last {skip_streak} steps had non-finite gradients and were skipped (step"
                 f" {int(jax.device_get(state.step))}); the last good state is checkpointed in {workdir}."
             )
-        # Hosts must agree on when to stop: several compare notes at log points only.
+        # Several hosts must stop at the same step, so they compare signals at log points only.
         if (jax.process_count() == 1 or at_log_point) and signals.any_host_received():
           stopped_by = signals.received or "signal on another host"
           break
@@ -469,8 +468,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stopped_by is not None:
         save(state)
         break
-      last_row = finish_epoch(epoch, step_metrics, time.time() - epoch_start, state, data, eval_step, to_global, config)
-      last_row["wall_time"] = wall_offset + time.time() - run_start
+      last_row = finish_epoch(
+          epoch, step_metrics, time.time() - epoch_start, state, data, eval_step, to_global, config,
+          wall_time=lambda: wall_offset + time.time() - run_start,
+      )
       save(state)
       files.append(last_row)
       if is_writer:
@@ -491,8 +492,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   }
 
 
-def finish_epoch(epoch, step_metrics, seconds, state, data, eval_step, to_global, config) -> dict:
-  """The epoch's CSV row: training means, evaluation, throughput."""
+def finish_epoch(epoch, step_metrics, seconds, state, data, eval_step, to_global, config, *, wall_time) -> dict:
+  """The epoch's CSV row: training means, evaluation, throughput; `wall_time()` read after evaluation."""
   summary = epoch_summary(step_metrics)
   val_loss, val_acc = evaluate(eval_step, state, data, to_global)
   return {
@@ -508,5 +509,5 @@ def finish_epoch(epoch, step_metrics, seconds, state, data, eval_step, to_global
       "val_acc": val_acc,
       "skipped_steps": summary["skipped_steps"],
       "images_per_sec": len(step_metrics) * config.batch_size / seconds,
-      "wall_time": 0.0,
+      "wall_time": wall_time(),
   }
