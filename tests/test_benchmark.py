@@ -1,4 +1,4 @@
-"""The benchmark script runs and prints the JSON object the README documents (no timing asserted)."""
+"""The benchmark scripts run and print the JSON objects the README documents (no timing asserted)."""
 
 import json
 import pathlib
@@ -25,3 +25,26 @@ def test_step_time_json_report():
 def test_bad_arguments_are_rejected():
   result = subprocess.run([sys.executable, str(SCRIPT), "--batch", "0"], capture_output=True, text=True)
   assert result.returncode == 2 and "--batch and --steps must be positive, got 0" in result.stderr
+
+
+INPUT_SCRIPT = SCRIPT.parent / "input_pipeline.py"
+
+
+def test_input_pipeline_json_report():
+  result = subprocess.run(
+      [sys.executable, str(INPUT_SCRIPT), "--num_train", "2048", "--batch", "64", "--epochs", "2", "--json"],
+      capture_output=True, text=True, timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for key in ("host_images_per_sec", "trainer_images_per_sec", "step_images_per_sec"):
+    assert report[key] > 0, key
+  expected_ms = 1000 * 64 * (1 / report["trainer_images_per_sec"] - 1 / report["step_images_per_sec"])
+  assert abs(report["host_ms_per_step"] - expected_ms) < 0.01 * max(1.0, abs(expected_ms))
+  assert report["model"] == "linear" and report["optimizer"] == "sgd" and report["batch"] == 64
+  assert {"backend", "device", "cpu_count"} <= set(report["machine"])
+
+
+def test_input_pipeline_bad_arguments_are_rejected():
+  result = subprocess.run([sys.executable, str(INPUT_SCRIPT), "--epochs", "1"], capture_output=True, text=True)
+  assert result.returncode == 2 and "--epochs >= 2" in result.stderr

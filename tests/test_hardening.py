@@ -58,16 +58,29 @@ def test_aace_loss_finite_where_the_authors_float16_formula_is_nan():
     np.testing.assert_allclose(np.asarray(q).sum(), 1.0, rtol=1e-5)
 
 
-def poison_digits(monkeypatch, bad_records):
+def poisoned_digits(bad_records, batch_size=64):
+  """The digits with NaN images at `bad_records`, built as a `Data` directly: the pipeline's own
+  checks would refuse them (see `test_nonfinite_record_is_named_before_training`), and these tests
+  are about what the step does when a NaN reaches it anyway."""
+  data = input_pipeline.create_data("digits", global_batch=batch_size, global_eval_batch=128, seed=0)
+  images = data.train.images.copy()
+  images[bad_records] = np.nan
+  data.train = input_pipeline.Split(images, data.train.labels)
+  return data
+
+
+def test_nonfinite_record_is_named_before_training(monkeypatch, tmp_path):
   train_source, eval_source = input_pipeline.digits_sources()
   train_source.images = train_source.images.copy()
-  train_source.images[bad_records] = np.nan
+  train_source.images[17, 3, 3] = np.nan
   monkeypatch.setattr(input_pipeline, "digits_sources", lambda: (train_source, eval_source))
+  with pytest.raises(input_pipeline.RecordError, match="train record 17 has non-finite pixel values"):
+    train.train_and_evaluate(small_config(), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
 
 
-def test_nan_batch_is_skipped_and_counted(monkeypatch, tmp_path):
-  poison_digits(monkeypatch, [17])
-  result = train.train_and_evaluate(small_config(num_epochs=2), str(tmp_path / "run"))
+def test_nan_batch_is_skipped_and_counted(tmp_path):
+  result = train.train_and_evaluate(small_config(num_epochs=2), str(tmp_path / "run"), data=poisoned_digits([17]))
   rows = read_csv(str(tmp_path / "run"))
   # Record 17 lands in one batch per epoch: one skipped step each, training goes on.
   assert [float(r["skipped_steps"]) for r in rows] == [1.0, 1.0]
@@ -75,10 +88,11 @@ def test_nan_batch_is_skipped_and_counted(monkeypatch, tmp_path):
   assert all(np.isfinite(float(r["train_loss"])) for r in rows)
 
 
-def test_consecutive_nonfinite_steps_stop_with_a_checkpoint(monkeypatch, tmp_path):
-  poison_digits(monkeypatch, slice(None))  # every batch is NaN
+def test_consecutive_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
+  data = poisoned_digits(slice(None))  # every batch is NaN
   with pytest.raises(train.TrainingStopped, match="the last 5 steps had non-finite gradients"):
-    train.train_and_evaluate(small_config(max_consecutive_skips=5, log_every_steps=5), str(tmp_path / "run"))
+    train.train_and_evaluate(small_config(max_consecutive_skips=5, log_every_steps=5), str(tmp_path / "run"),
+                             data=data)
   step, tree = latest_checkpoint(str(tmp_path / "run"))
   assert step == 5
   # Every step was skipped: the checkpoint holds the initial parameters, untouched.
@@ -174,21 +188,26 @@ def test_gradient_accumulation_in_the_trainer_gives_the_same_run(tmp_path):
 
 
 def test_corrupt_record_is_named(monkeypatch, tmp_path):
-  class Corrupt(input_pipeline.ArraySource):
+  class Corrupt:
+    """A record-by-record source, as tfds.data_source is, with one unreadable record."""
+
+    def __init__(self, source):
+      self.source = source
+
+    def __len__(self):
+      return len(self.source)
+
     def __getitem__(self, index):
       if index == 123:
         raise OSError("bad CRC")
-      return super().__getitem__(index)
+      return self.source[index]
 
   train_source, eval_source = input_pipeline.digits_sources()
-  data = input_pipeline.create_data("digits", global_batch=64, global_eval_batch=64, seed=0)
-  monkeypatch.setattr(
-      input_pipeline, "digits_sources", lambda: (Corrupt(train_source.images, train_source.labels), eval_source)
-  )
+  monkeypatch.setattr(input_pipeline, "digits_sources", lambda: (Corrupt(train_source), eval_source))
   with pytest.raises(input_pipeline.RecordError, match="train record 123 cannot be read: OSError: bad CRC"):
     train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path / "run"))
-  # Read during training rather than for the statistics: the error names the record all the same.
-  data.train_source = Corrupt(data.train_source.images, data.train_source.labels)
+  assert not (tmp_path / "run").exists()
+  # Streamed (a split too large for memory), the record is named when a batch reads it.
+  streamed = input_pipeline.StreamedSplit(input_pipeline.get_spec("digits"), Corrupt(train_source), "train")
   with pytest.raises(input_pipeline.RecordError, match="train record 123 cannot be read"):
-    for _ in data.train_epoch(0):
-      pass
+    streamed.take(np.arange(120, 130))

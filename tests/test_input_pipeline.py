@@ -1,4 +1,6 @@
-"""The input pipeline: augmentations on known images, determinism, host sharding, TFDS mock data."""
+"""The host pipeline: decoding, checks, the decoded cache, determinism, host sharding, TFDS mock data."""
+
+import os
 
 import numpy as np
 import pytest
@@ -7,79 +9,18 @@ import tensorflow_datasets as tfds
 from train import input_pipeline as ip
 
 
-class ScriptedRng:
-  """Stands in for np.random.Generator with chosen draws."""
-
-  def __init__(self, randoms=(), integers=()):
-    self.randoms, self.integer_draws = list(randoms), list(integers)
-
-  def random(self):
-    return self.randoms.pop(0)
-
-  def integers(self, low, high=None, size=None):
-    if size is None:
-      value = self.integer_draws.pop(0)
-      assert low <= value < high
-      return value
-    values = np.array([self.integer_draws.pop(0) for _ in range(size)])
-    assert np.all((low <= values) & (values < (high if high is not None else low)))
-    return values
-
-
-IMAGE = np.arange(32 * 32 * 3, dtype=np.float32).reshape(32, 32, 3) + 1
-
-
-def test_flip_is_a_flip():
-  flipped = ip.random_flip(IMAGE, ScriptedRng(randoms=[0.2]))
-  np.testing.assert_array_equal(flipped[:, 0], IMAGE[:, 31])
-  np.testing.assert_array_equal(flipped[5, 7], IMAGE[5, 24])
-  np.testing.assert_array_equal(ip.random_flip(IMAGE, ScriptedRng(randoms=[0.7])), IMAGE)
-
-
-@pytest.mark.parametrize("top, left", [(0, 0), (8, 8), (4, 0), (0, 8), (3, 6)])
-def test_crop_stays_in_bounds_and_is_a_window_of_the_padded_image(top, left):
-  crop = ip.random_crop(IMAGE, 4, ScriptedRng(integers=[top, left]))
-  assert crop.shape == IMAGE.shape
-  padded = np.zeros((40, 40, 3), np.float32)
-  padded[4:36, 4:36] = IMAGE
-  np.testing.assert_array_equal(crop, padded[top : top + 32, left : left + 32])
-  # Offsets 0..8 only: a draw of 9 would leave the padded image.
-  with pytest.raises(AssertionError):
-    ip.random_crop(IMAGE, 4, ScriptedRng(integers=[9, 0]))
-
-
-def test_cutout_zeroes_a_16x16_patch():
-  out = ip.cutout(IMAGE, 16, ScriptedRng(randoms=[0.1], integers=[5, 10]))
-  zero = out == 0
-  assert zero.all(axis=-1).sum() == 16 * 16
-  assert zero[5:21, 10:26].all() and not zero[4, 10:26].any() and not zero[5:21, 26].any()
-  np.testing.assert_array_equal(IMAGE[IMAGE != 0].size, IMAGE.size)  # the input is untouched
-
-
-@pytest.mark.parametrize("top, left, rows, cols", [(-8, -8, 8, 8), (-3, 20, 13, 12), (23, -1, 9, 15)])
-def test_cutout_is_clipped_at_the_border(top, left, rows, cols):
-  out = ip.cutout(IMAGE, 16, ScriptedRng(randoms=[0.0], integers=[top, left]))
-  zero_pixels = (out == 0).all(axis=-1)
-  assert zero_pixels.sum() == rows * cols
-  assert zero_pixels[max(top, 0) : max(top, 0) + rows, max(left, 0) : max(left, 0) + cols].all()
-
-
-def test_cutout_applies_with_probability_half():
-  np.testing.assert_array_equal(ip.cutout(IMAGE, 16, ScriptedRng(randoms=[0.6])), IMAGE)
-  rng = np.random.default_rng(0)
-  applied = np.mean([(ip.cutout(IMAGE, 16, rng) == 0).any() for _ in range(2000)])
-  assert 0.46 < applied < 0.54
-
-
 def index_source(n=40, shape=(4, 4, 1)):
-  """Each image holds its record index, so batches can be traced back."""
-  images = np.stack([np.full(shape, i, np.float32) for i in range(n)])
+  """Each image holds its record index (mod 256), so batches can be traced back."""
+  images = np.stack([np.full(shape, i % 256, np.uint8) for i in range(n)])
   return ip.ArraySource(images, np.arange(n, dtype=np.int32) % 10)
 
 
-def make_data(source, batch=8, process_index=0, process_count=1, seed=0):
-  spec = ip.DatasetSpec(10, (4, 4, 1), (0.0,), (1.0,), "none")
-  return ip.Data(spec, source, source, batch // process_count, batch // process_count, seed, (0.0,), (1.0,),
+SPEC = ip.DatasetSpec(10, (4, 4, 1), (0.0,), (1.0,), "none")
+
+
+def make_data(source, batch=8, process_index=0, process_count=1, seed=0, streamed=False):
+  split = ip.StreamedSplit(SPEC, RecordSource(source), "train") if streamed else ip.decode_split(SPEC, source, "train")
+  return ip.Data(SPEC, split, split, batch // process_count, batch // process_count, seed, (0.0,), (1.0,),
                  process_index, process_count)
 
 
@@ -87,48 +28,155 @@ def record_ids(batches):
   return [batch["image"][:, 0, 0, 0].astype(int).tolist() for batch in batches]
 
 
+def test_batches_are_stored_images_and_int32_labels():
+  batch = next(make_data(index_source()).train_batches(0))
+  assert batch["image"].dtype == np.uint8 and batch["image"].shape == (8, 4, 4, 1)
+  assert batch["label"].dtype == np.int32
+  np.testing.assert_array_equal(batch["label"], batch["image"][:, 0, 0, 0] % 10)
+
+
 def test_epochs_are_deterministic_and_resumable_mid_epoch():
   data = make_data(index_source())
-  full = record_ids(data.train_epoch(3))
+  full = record_ids(data.train_batches(3))
   assert len(full) == data.steps_per_epoch == 5
-  assert record_ids(data.train_epoch(3)) == full
-  assert record_ids(data.train_epoch(3, start_step=2)) == full[2:]
-  assert record_ids(data.train_epoch(4)) != full
+  assert record_ids(data.train_batches(3)) == full
+  assert record_ids(data.train_batches(3, start_step=2)) == full[2:]
+  assert record_ids(data.train_batches(4)) != full
   assert sorted(sum(full, [])) == list(range(40))
 
 
-def test_hosts_read_their_block_of_each_global_batch():
+@pytest.mark.parametrize("streamed", [False, True])
+def test_one_host_and_two_simulated_hosts_read_the_same_global_batches(streamed):
   source = index_source(n=44)  # 44 // 8 = 5 steps; 4 records dropped
-  single = record_ids(make_data(source).train_epoch(1))
-  hosts = [record_ids(make_data(source, process_index=i, process_count=2).train_epoch(1)) for i in range(2)]
+  single = record_ids(make_data(source, streamed=streamed).train_batches(1))
+  hosts = [record_ids(make_data(source, process_index=i, process_count=2, streamed=streamed).train_batches(1))
+           for i in range(2)]
   assert len(hosts[0]) == len(hosts[1]) == 5
   for step in range(5):
     # Host 0 holds the first half of the single-host batch, host 1 the second.
     assert hosts[0][step] + hosts[1][step] == single[step]
 
 
-def test_eval_batches_cover_every_record_once_with_a_mask():
-  data = make_data(index_source(n=21))
-  batches = list(data.eval_batches())
-  assert len(batches) == data.eval_steps == 3
+def test_streamed_split_gives_the_in_memory_batches():
+  source = index_source(n=44)
+  assert record_ids(make_data(source, streamed=True).train_batches(2, 1)) == record_ids(
+      make_data(source).train_batches(2, 1))
+  in_memory, streamed = make_data(source).eval_batches(), make_data(source, streamed=True).eval_batches()
+  for a, b in zip(in_memory, streamed, strict=True):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_batches_cover_every_record_once_with_a_mask(process_count):
+  source = index_source(n=21)
+  hosts = [make_data(source, process_index=i, process_count=process_count) for i in range(process_count)]
+  assert hosts[0].eval_steps == 3
+  batches = [b for data in hosts for b in data.eval_batches()]
   masks = np.concatenate([b["mask"] for b in batches])
   ids = np.concatenate([b["image"][:, 0, 0, 0] for b in batches])
-  assert masks.sum() == 21
+  assert masks.sum() == 21 and len(masks) == 24
   assert sorted(ids[masks == 1].astype(int)) == list(range(21))
 
 
-def test_bad_records_are_named():
+class RecordSource:
+  """A record-by-record source (like tfds.data_source) over an ArraySource; counts its reads."""
+
+  def __init__(self, source, broken=()):
+    self.source, self.broken, self.reads = source, set(broken), 0
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    self.reads += 1
+    if index in self.broken:
+      raise OSError("bad CRC")
+    return self.source[index]
+
+
+def test_decoding_record_by_record_equals_the_arrays():
+  source = index_source(n=600)  # more than one chunk of the parallel decoder
+  decoded = ip.decode_split(SPEC, RecordSource(source), "train", progress=False)
+  np.testing.assert_array_equal(decoded.images, source.images)
+  np.testing.assert_array_equal(decoded.labels, source.labels)
+  assert decoded.images.dtype == np.uint8 and decoded.labels.dtype == np.int32
+
+
+def bad_sources():
+  """(source, message) pairs, each with one bad record among good ones."""
+  images = np.zeros((600, 4, 4, 1), np.uint8)
+  labels = np.zeros(600, np.int32)
+  bad_label = labels.copy()
+  bad_label[417] = 12
+  floats = images.astype(np.float32)
+  floats[333, 1, 2] = np.nan
+  shapes = [np.zeros((4, 4, 1), np.uint8)] * 600
+  shapes[3] = np.zeros((5, 4, 1), np.uint8)
+  return [
+      (ip.ArraySource(images, bad_label), r"train record 417 has label 12, outside \[0, 10\)"),
+      (ip.ArraySource(floats, labels), "train record 333 has non-finite pixel values"),
+      (ip.ArraySource(shapes, labels), r"train record 3 has an image of shape \(5, 4, 1\)"),
+      (RecordSource(ip.ArraySource(images, labels), broken=[257, 300]),
+       "train record 257 cannot be read: OSError: bad CRC"),
+  ]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_bad_records_are_named_when_decoded(case):
+  source, message = bad_sources()[case]
+  with pytest.raises(ip.RecordError, match=message):
+    ip.decode_split(SPEC, RecordSource(source) if isinstance(source, ip.ArraySource) else source, "train",
+                    progress=False)
+
+
+def test_bad_in_memory_arrays_are_named():
   images = np.zeros((10, 4, 4, 1), np.float32)
   labels = np.arange(10, dtype=np.int32)
   labels[7] = 12
-  data = make_data(ip.ArraySource(images, labels))
-  with pytest.raises(ip.RecordError, match=r"train record 7 has label 12, outside \[0, 10\)"):
-    ip.check_in_memory_labels(data)
-  wrong_shape = ip.ArraySource([np.zeros((4, 4, 1))] * 3 + [np.zeros((5, 4, 1))] + [np.zeros((4, 4, 1))] * 4,
-                               np.zeros(8, np.int32))
-  preprocess = ip.Preprocessor(data.spec, wrong_shape, "train", (0.0,), (1.0,), train=False)
-  with pytest.raises(ip.RecordError, match=r"train record 3 has an image of shape \(5, 4, 1\)"):
-    preprocess(3)
+  with pytest.raises(ip.RecordError, match=r"eval record 7 has label 12, outside \[0, 10\) \(1 such records\)"):
+    ip.check_arrays(SPEC, images, labels, "eval")
+  images[[2, 5]] = np.inf
+  with pytest.raises(ip.RecordError, match=r"train record 2 has non-finite pixel values \(2 such records\)"):
+    ip.check_arrays(SPEC, images, np.zeros(10, np.int32), "train")
+
+
+class VersionedSource(RecordSource):
+  class dataset_info:  # noqa: N801 (the attribute name tfds uses)
+    version = "3.0.2"
+
+
+def test_decoded_cache_is_reused_and_rebuilt_when_the_preprocessing_changes(tmp_path):
+  source = VersionedSource(index_source(n=40, shape=(4, 4, 1)))
+  first = ip.open_split("toy", SPEC, source, "train", cache_dir=str(tmp_path), max_in_memory_bytes=1e9)
+  assert source.reads == 40 and len(os.listdir(tmp_path)) == 1
+  again = ip.open_split("toy", SPEC, source, "train", cache_dir=str(tmp_path), max_in_memory_bytes=1e9)
+  assert source.reads == 40  # read from the cache, not the source
+  np.testing.assert_array_equal(again.images, first.images)
+  resized = ip.DatasetSpec(10, (2, 2, 1), (0.0,), (1.0,), "none", resize_to_square=True)
+  small = ip.open_split("toy", resized, source, "train", cache_dir=str(tmp_path), max_in_memory_bytes=1e9)
+  assert source.reads == 80 and small.images.shape == (40, 2, 2, 1)
+  assert len(os.listdir(tmp_path)) == 2
+
+
+def test_damaged_cache_is_decoded_again(tmp_path):
+  source = VersionedSource(index_source(n=40))
+  ip.open_split("toy", SPEC, source, "train", cache_dir=str(tmp_path), max_in_memory_bytes=1e9)
+  (path,) = tmp_path.iterdir()
+  path.write_bytes(path.read_bytes()[:100])
+  with pytest.warns(UserWarning, match="is unreadable"):
+    split = ip.open_split("toy", SPEC, source, "train", cache_dir=str(tmp_path), max_in_memory_bytes=1e9)
+  np.testing.assert_array_equal(split.images, source.source.images)
+  assert source.reads == 80
+  assert ip.load_cached(str(path), SPEC, 40) is not None  # rewritten whole
+  assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_split_larger_than_the_memory_limit_is_streamed(tmp_path):
+  source = VersionedSource(index_source(n=40))
+  with pytest.warns(UserWarning, match="streaming"):
+    split = ip.open_split("toy", SPEC, source, "train", cache_dir=str(tmp_path), max_in_memory_bytes=100)
+  assert isinstance(split, ip.StreamedSplit) and source.reads == 0 and not list(tmp_path.iterdir())
 
 
 def test_digits_split_is_fixed():
@@ -136,7 +184,7 @@ def test_digits_split_is_fixed():
   again_train, _ = ip.digits_sources()
   assert len(train) + len(test) == 1797 and len(test) == 359
   np.testing.assert_array_equal(train.labels, again_train.labels)
-  assert train.images.shape[1:] == (8, 8, 1) and train.images.max() == 1.0
+  assert train.images.shape[1:] == (8, 8, 1) and train.images.max() == 1.0 and train.images.dtype == np.float32
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "fashion_mnist", "food101"])
@@ -144,14 +192,13 @@ def test_tfds_datasets_through_mock_data(name):
   spec = ip.get_spec(name)
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
     data = ip.create_data(name, global_batch=8, global_eval_batch=16, seed=0)
-    batches = list(data.train_epoch(0))
+    batches = list(data.train_batches(0))
     evals = list(data.eval_batches())
   assert len(batches) == 3
   for batch in batches:
-    assert batch["image"].shape == (8, *spec.image_shape) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (8, *spec.image_shape) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int32
     assert np.all((batch["label"] >= 0) & (batch["label"] < spec.num_classes))
-    assert np.all(np.isfinite(batch["image"]))
   assert sum(b["mask"].sum() for b in evals) == 24
 
 

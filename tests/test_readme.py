@@ -6,6 +6,7 @@ runs; the commands of other tools (`tfds build`, a TPU install) are checked
 against what the trainer tells users.
 """
 
+import importlib
 import pathlib
 import re
 import shlex
@@ -68,10 +69,9 @@ def test_shell_command(line):
       assert "--file_format=array_record" in words
     elif command in ('pip install tensorflow tensorflow-datasets', 'pip install -U "jax[tpu]"'):
       pass  # needs the network or a TPU; named in the docs of TFDS and JAX
-    elif words[:2] == ["python", "benchmarks/step_time.py"]:
+    elif words[0] == "python" and words[1] in ("benchmarks/step_time.py", "benchmarks/input_pipeline.py"):
       sys.path.insert(0, str(REPO / "benchmarks"))
-      import step_time
-
-      step_time.parse_args(words[2:])
+      script = importlib.import_module(pathlib.Path(words[1]).stem)
+      script.parse_args(words[2:])
     else:
       pytest.fail(f"README command not exercised by any test: {command}")

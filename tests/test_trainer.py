@@ -112,11 +112,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
 
 
 def test_mock_cifar10_run(tmp_path):
-  config = small_config(dataset="cifar10", num_epochs=1, batch_size=16, eval_batch_size=16, optimizer="sam")
+  config = small_config(dataset="cifar10", num_epochs=1, batch_size=16, eval_batch_size=16, optimizer="sam",
+                        decoded_cache_dir=str(tmp_path / "decoded"))
   with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
     result = train.train_and_evaluate(config, str(tmp_path / "cifar"))
   assert result["finished"]
   assert len(read_csv(str(tmp_path / "cifar"))) == 1
+  # Both splits were decoded once and cached for the next run.
+  assert len(list((tmp_path / "decoded").glob("cifar10-*.npz"))) == 2
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "sam", "asam"])
@@ -216,3 +219,16 @@ def test_default_run_is_fast_and_accurate(tmp_path):
   seconds = float(summary.split(" in ")[1].split(" s;")[0])
   assert accuracy > 0.9
   assert seconds < 120
+
+
+def test_split_on_the_devices_trains_exactly_like_host_batches(tmp_path):
+  """`data_on_device` gathers each batch on the devices: the same batches, augmentation and run."""
+  host, device = str(tmp_path / "host"), str(tmp_path / "device")
+  train.train_and_evaluate(small_config(num_epochs=1), host)
+  train.train_and_evaluate(small_config(num_epochs=1, data_on_device=True), device)
+  step_a, tree_a = latest_checkpoint(host)
+  step_b, tree_b = latest_checkpoint(device)
+  assert step_a == step_b
+  for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert read_csv(host)[0]["train_loss"] == read_csv(device)[0]["train_loss"]

@@ -1,20 +1,32 @@
-"""Input pipeline: TFDS array_record sources or scikit-learn's digits, read with grain.
+"""Input pipeline: the host reads and batches; it never touches a pixel in the hot loop.
 
-No TensorFlow at run time: TFDS datasets are read with `tfds.data_source`
-(prepared once with `tfds build NAME --file_format=array_record`), and grain
-shuffles, augments and batches them in NumPy. Every epoch is a random-access
-`grain.MapDataset` whose order and augmentation are functions of
-`(seed, epoch)` alone, so the position in the data is the training step:
-checkpointing the step checkpoints the iterator, and a resumed run reads
-exactly the batches an uninterrupted one would.
+Sources are TFDS array_record datasets, read without TensorFlow through
+`tfds.data_source` (prepared once with `tfds build NAME
+--file_format=array_record`), or scikit-learn's bundled digits. A split that
+fits in memory (`max_in_memory_bytes`) is decoded once, in parallel, into one
+array of images in their stored dtype (uint8; float32 for the digits) and one
+of int32 labels, and may be cached as a `.npz` file keyed by dataset, split,
+version and preprocessing, so later runs and resumes skip decoding. Every
+record is checked while it is decoded (readable, the right shape, a label in
+range, finite pixels), so a bad one is named by split and index before
+anything compiles. A split too large for memory is streamed record by record
+with the same semantics.
 
-Every host reads its own contiguous block of each global batch
-(`per_host_batch * process_count` examples of the epoch's permutation).
+Each host yields its contiguous block of every global batch (`per_host_batch
+* process_count` examples of the epoch's permutation): one gather per batch.
+The epoch's order is a function of `(seed, epoch)` alone, so the position in
+the data is the training step, and augmentation, which needs each example's
+position in the epoch, runs on the device (`train/augment.py`).
 """
 
+import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import os
-from typing import Iterator, Optional, Sequence
+import warnings
+import zipfile
+from typing import Iterator, Optional, Union
 
 import grain
 import numpy as np
@@ -24,6 +36,9 @@ CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+# Part of every cache key: bump it when the decode-time preprocessing changes.
+PREPROCESSING_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +50,9 @@ class DatasetSpec:
     image_shape: (height, width, channels) after preprocessing.
     mean, std: per-channel normalization (None: computed from the train split).
     augment: "cifar" (crop 32 pad 4, flip, Cutout), "cutout" (Cutout only),
-      "flip_cutout" (flip, Cutout) or "none".
+      "flip_cutout" (flip, Cutout) or "none"; applied on the device.
     train_split, eval_split: TFDS split names.
-    resize_to_square: pad to a square and resize to `image_shape` (Food101).
+    resize_to_square: pad to a square and resize to `image_shape` when decoding (Food101).
   """
 
   num_classes: int
@@ -55,12 +70,18 @@ DATASETS = {
     "cifar10": DatasetSpec(10, (32, 32, 3), *CIFAR10_STATS, "cifar"),
     "cifar100": DatasetSpec(100, (32, 32, 3), *CIFAR100_STATS, "cifar"),
     "fashion_mnist": DatasetSpec(10, (28, 28, 1), *FASHION_MNIST_STATS, "cutout"),
-    "food101": DatasetSpec(101, (32, 32, 3), *IMAGENET_STATS, "flip_cutout", eval_split="validation", resize_to_square=True),
+    "food101": DatasetSpec(
+        101, (32, 32, 3), *IMAGENET_STATS, "flip_cutout", eval_split="validation", resize_to_square=True
+    ),
 }
 
 
 class DatasetNotFoundError(FileNotFoundError):
   """A TFDS dataset is not prepared where the trainer looked."""
+
+
+class RecordError(ValueError):
+  """A dataset record that cannot be used, named by its split and index."""
 
 
 def get_spec(name: str) -> DatasetSpec:
@@ -83,7 +104,7 @@ class ArraySource:
 
 
 def digits_sources(seed: int = 0, test_fraction: float = 0.2) -> tuple[ArraySource, ArraySource]:
-  """scikit-learn's bundled 8x8 digits (no download) with a fixed, seeded split."""
+  """scikit-learn's bundled 8x8 digits (no download) with a fixed, seeded split; float32 in [0, 1]."""
   from sklearn.datasets import load_digits
 
   digits = load_digits()
@@ -95,11 +116,15 @@ def digits_sources(seed: int = 0, test_fraction: float = 0.2) -> tuple[ArraySour
   return ArraySource(images[train], labels[train]), ArraySource(images[test], labels[test])
 
 
+def resolve_data_dir(data_dir: Optional[str]) -> str:
+  return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
 def tfds_source(name: str, split: str, data_dir: Optional[str]):
   """`tfds.data_source` for a prepared array_record dataset, or a clear error."""
   import tensorflow_datasets as tfds
 
-  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+  data_dir = resolve_data_dir(data_dir)
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as error:  # tfds raises several types here; all mean "not usable".
@@ -110,13 +135,6 @@ def tfds_source(name: str, split: str, data_dir: Optional[str]):
         f" --data_dir={data_dir} ; then pass --config.data_dir={data_dir} or set TFDS_DATA_DIR."
         f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
     ) from error
-
-
-def to_float_image(image: np.ndarray) -> np.ndarray:
-  image = np.asarray(image)
-  if image.dtype == np.uint8:
-    return image.astype(np.float32) / 255.0
-  return image.astype(np.float32)
 
 
 def pad_and_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -132,39 +150,6 @@ def pad_and_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return np.asarray(resized).reshape(*size, image.shape[2])
 
 
-def random_crop(image: np.ndarray, padding: int, rng: np.random.Generator) -> np.ndarray:
-  """Zero-pads by `padding` and crops back to the original size at a random offset."""
-  height, width = image.shape[:2]
-  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
-  top, left = rng.integers(0, 2 * padding + 1, size=2)
-  return padded[top : top + height, left : left + width]
-
-
-def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  return image[:, ::-1] if rng.random() < 0.5 else image
-
-
-def cutout(image: np.ndarray, size: int, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:
-  """The authors' Cutout: with probability p, zero a size x size patch clipped at the border.
-
-  The patch's corner is uniform in [-size/2, side - size/2), so patches that
-  overhang the border are clipped, as in their code.
-  """
-  if rng.random() > p:
-    return image
-  half = size // 2
-  height, width = image.shape[:2]
-  top = rng.integers(-half, height - half)
-  left = rng.integers(-half, width - half)
-  image = image.copy()
-  image[max(0, top) : min(height, top + size), max(0, left) : min(width, left + size)] = 0
-  return image
-
-
-class RecordError(ValueError):
-  """A dataset record that cannot be used, named by its split and index."""
-
-
 def read_record(source, split: str, index: int) -> tuple[np.ndarray, int]:
   """`(image, label)` of record `index`, or a `RecordError` naming it."""
   try:
@@ -174,57 +159,210 @@ def read_record(source, split: str, index: int) -> tuple[np.ndarray, int]:
     raise RecordError(f"{split} record {index} cannot be read: {type(error).__name__}: {error}") from error
 
 
-class Preprocessor:
-  """Reads record `index` of `source`: a normalized float32 image and an int32 label.
+def prepare_record(spec: DatasetSpec, source, split: str, index: int) -> tuple[np.ndarray, int]:
+  """Record `index` as it will be stored: checked, resized where the dataset asks; not augmented.
 
-  A record that cannot be read, has an image of the wrong shape or a label
-  out of range raises `RecordError` naming the record, on the host, before
-  anything reaches XLA.
+  Raises `RecordError` naming the record if it cannot be read, its image has
+  the wrong shape or dtype or a non-finite pixel, or its label is out of range.
   """
+  image, label = read_record(source, split, index)
+  if not 0 <= label < spec.num_classes:
+    raise RecordError(f"{split} record {index} has label {label}, outside [0, {spec.num_classes}).")
+  if image.ndim == 2:
+    image = image[..., None]
+  if spec.resize_to_square and image.ndim == 3:
+    image = pad_and_resize(image, spec.image_shape[:2])
+  if image.shape != spec.image_shape:
+    raise RecordError(f"{split} record {index} has an image of shape {image.shape}, expected {spec.image_shape}.")
+  if image.dtype != np.uint8:
+    if not np.issubdtype(image.dtype, np.floating):
+      raise RecordError(f"{split} record {index} has an image of dtype {image.dtype}; expected uint8 or float.")
+    image = image.astype(np.float32)
+    if not np.all(np.isfinite(image)):
+      raise RecordError(f"{split} record {index} has non-finite pixel values.")
+  return image, label
 
-  def __init__(self, spec: DatasetSpec, source, split: str, mean: Sequence[float], std: Sequence[float], train: bool):
-    self.spec, self.source, self.split, self.train = spec, source, split, train
-    self.mean = np.asarray(mean, np.float32)
-    self.std = np.asarray(std, np.float32)
 
-  def __call__(self, index, rng: Optional[np.random.Generator] = None) -> dict:
-    index = int(index)
-    image, label = read_record(self.source, self.split, index)
-    if not 0 <= label < self.spec.num_classes:
-      raise RecordError(f"{self.split} record {index} has label {label}, outside [0, {self.spec.num_classes}).")
-    if image.ndim == 2:
-      image = image[..., None]
-    if self.spec.resize_to_square and image.ndim == 3:
-      image = pad_and_resize(image, self.spec.image_shape[:2])
-    if image.shape != self.spec.image_shape:
-      raise RecordError(
-          f"{self.split} record {index} has an image of shape {image.shape}, expected {self.spec.image_shape}."
-      )
-    image = to_float_image(image)
-    augment = self.spec.augment if self.train else "none"
-    if augment == "cifar":
-      image = random_crop(image, 4, rng)
-    if augment in ("cifar", "flip_cutout"):
-      image = random_flip(image, rng)
-    image = (image - self.mean) / self.std
-    if augment in ("cifar", "flip_cutout", "cutout"):
-      image = cutout(image, 16, rng)
-    return {"image": np.ascontiguousarray(image, np.float32), "label": np.int32(label)}
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """A split in memory: `images` [n, height, width, channels] as stored, `labels` int32 [n]."""
+
+  images: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return self.images[indices], self.labels[indices]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedSplit:
+  """A split too large for memory, read record by record with the checks of `prepare_record`."""
+
+  spec: DatasetSpec
+  source: object
+  name: str
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def take(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    records = [prepare_record(self.spec, self.source, self.name, int(i)) for i in indices]
+    return np.stack([image for image, _ in records]), np.array([label for _, label in records], np.int32)
+
+
+def check_arrays(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, split: str) -> Split:
+  """An in-memory split, checked as a whole: shape, dtype, labels in range, finite pixels.
+
+  Raises `RecordError` naming the first bad record.
+  """
+  images, labels = np.asarray(images), np.asarray(labels)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.shape[1:] != spec.image_shape or len(images) != len(labels):
+    raise RecordError(
+        f"{split} images have shape {images.shape} for {len(labels)} labels, expected"
+        f" ({len(labels)}, {', '.join(map(str, spec.image_shape))})."
+    )
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise RecordError(f"{split} labels have dtype {labels.dtype}; expected integers.")
+  bad = np.flatnonzero((labels < 0) | (labels >= spec.num_classes))
+  if bad.size:
+    raise RecordError(
+        f"{split} record {bad[0]} has label {labels[bad[0]]}, outside [0, {spec.num_classes})"
+        f" ({bad.size} such records)."
+    )
+  if images.dtype != np.uint8:
+    if not np.issubdtype(images.dtype, np.floating):
+      raise RecordError(f"{split} images have dtype {images.dtype}; expected uint8 or float.")
+    images = images.astype(np.float32, copy=False)
+    finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    if not finite.all():
+      bad = np.flatnonzero(~finite)
+      raise RecordError(f"{split} record {bad[0]} has non-finite pixel values ({len(bad)} such records).")
+  return Split(np.ascontiguousarray(images), labels.astype(np.int32))
+
+
+def decode_split(spec: DatasetSpec, source, split: str, *, num_threads: int = 8, progress: bool = True) -> Split:
+  """Reads and checks every record of `source` in parallel into one `Split`, with a progress bar."""
+  from tqdm.auto import tqdm
+
+  if isinstance(source, ArraySource):
+    return check_arrays(spec, source.images, source.labels, split)
+  count = len(source)
+  if count == 0:
+    return Split(np.zeros((0, *spec.image_shape), np.uint8), np.zeros((0,), np.int32))
+  first, first_label = prepare_record(spec, source, split, 0)  # its dtype is the split's
+  images = np.empty((count, *spec.image_shape), first.dtype)
+  labels = np.empty((count,), np.int32)
+  images[0], labels[0] = first, first_label
+  chunks = [range(max(start, 1), min(start + 256, count)) for start in range(0, count, 256)]
+
+  def decode(chunk: range) -> int:
+    for index in chunk:
+      image, labels[index] = prepare_record(spec, source, split, index)
+      if image.dtype != images.dtype:
+        raise RecordError(f"{split} record {index} has dtype {image.dtype}, record 0 has {images.dtype}.")
+      images[index] = image
+    return len(chunk)
+
+  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool, tqdm(
+      total=count, desc=f"decoding {split}", unit="img", disable=not progress, leave=False
+  ) as bar:
+    bar.update(1)
+    # map() returns in order: the error raised is the lowest bad record's chunk.
+    for done in pool.map(decode, chunks):
+      bar.update(done)
+  return Split(images, labels)
+
+
+def cache_path(cache_dir: str, name: str, split: str, source, spec: DatasetSpec) -> str:
+  """The cache file of a decoded split: keyed by dataset, split, version, size and preprocessing."""
+  info = getattr(source, "dataset_info", None)
+  key = {
+      "dataset": name,
+      "split": split,
+      "version": str(getattr(info, "version", "unknown")),
+      "records": len(source),
+      "image_shape": list(spec.image_shape),
+      "resize_to_square": spec.resize_to_square,
+      "preprocessing": PREPROCESSING_VERSION,
+  }
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  safe_split = "".join(c if c.isalnum() else "_" for c in split)
+  return os.path.join(cache_dir, f"{name}-{safe_split}-{key['version']}-{digest}.npz")
+
+
+def load_cached(path: str, spec: DatasetSpec, count: int) -> Optional[Split]:
+  """The cached split at `path`, or None if it is missing, unreadable or of another shape."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with np.load(path) as cached:
+      images, labels = cached["images"], cached["labels"]
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+    warnings.warn(f"decoded cache {path} is unreadable ({type(error).__name__}: {error}); decoding again")
+    return None
+  if images.shape != (count, *spec.image_shape) or labels.shape != (count,):
+    warnings.warn(f"decoded cache {path} holds arrays of shape {images.shape}; decoding again")
+    return None
+  return Split(images, labels)
+
+
+def save_cached(path: str, split: Split) -> None:
+  """Writes `split` to `path` atomically: a killed write leaves no file under that name."""
+  temporary = f"{path}.tmp-{os.getpid()}"
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(temporary, "wb") as f:
+      np.savez(f, images=split.images, labels=split.labels)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except OSError as error:
+    warnings.warn(f"could not write the decoded cache {path} ({error}); later runs will decode again")
+    if os.path.exists(temporary):
+      os.remove(temporary)
+
+
+def open_split(
+    name: str, spec: DatasetSpec, source, split: str, *, cache_dir: Optional[str], max_in_memory_bytes: float
+) -> Union[Split, StreamedSplit]:
+  """A split in memory (from the cache, or decoded and cached) or, if too large, streamed."""
+  if isinstance(source, ArraySource):
+    return check_arrays(spec, source.images, source.labels, split)
+  if len(source) * int(np.prod(spec.image_shape)) > max_in_memory_bytes:
+    warnings.warn(f"{name} {split}: {len(source)} records exceed max_in_memory_bytes; streaming them from disk")
+    return StreamedSplit(spec, source, split)
+  path = cache_path(cache_dir, name, split, source, spec) if cache_dir else None
+  cached = load_cached(path, spec, len(source)) if path else None
+  if cached is not None:
+    return cached
+  decoded = decode_split(spec, source, split)
+  if path:
+    save_cached(path, decoded)
+  return decoded
 
 
 @dataclasses.dataclass
 class Data:
-  """The train and eval sides of a dataset, ready to iterate.
+  """The train and eval splits of a dataset and this host's share of every batch.
 
   Attributes:
     spec: the dataset's `DatasetSpec`.
+    train, eval: the splits (`Split` in memory, or `StreamedSplit`).
+    per_host_batch, per_host_eval_batch: this host's rows of every global batch.
+    seed: the run's seed; the epoch's order is a function of `(seed, epoch)`.
+    mean, std: per-channel normalization, applied on the device.
     steps_per_epoch: global training steps per epoch (the remainder is dropped).
     eval_steps: batches per evaluation (the last one padded and masked).
   """
 
   spec: DatasetSpec
-  train_source: object
-  eval_source: object
+  train: Union[Split, StreamedSplit]
+  eval: Union[Split, StreamedSplit]
   per_host_batch: int
   per_host_eval_batch: int
   seed: int
@@ -234,66 +372,65 @@ class Data:
   process_count: int = 1
 
   @property
+  def in_memory(self) -> bool:
+    return isinstance(self.train, Split) and isinstance(self.eval, Split)
+
+  @property
+  def global_batch(self) -> int:
+    return self.per_host_batch * self.process_count
+
+  @property
   def steps_per_epoch(self) -> int:
-    return len(self.train_source) // (self.per_host_batch * self.process_count)
+    return len(self.train) // self.global_batch
 
   @property
   def eval_steps(self) -> int:
-    return -(-len(self.eval_source) // (self.per_host_eval_batch * self.process_count))
+    return -(-len(self.eval) // (self.per_host_eval_batch * self.process_count))
 
-  def train_epoch(self, epoch: int, start_step: int = 0, num_threads: int = 4) -> Iterator[dict]:
-    """The host's batches of `epoch`, from batch `start_step` on."""
-    preprocess = Preprocessor(self.spec, self.train_source, "train", self.mean, self.std, train=True)
-    order = grain.MapDataset.range(len(self.train_source)).shuffle(seed=_epoch_seed(self.seed, epoch, 0))
-    global_batch = self.per_host_batch * self.process_count
-    augment_seed = _epoch_seed(self.seed, epoch, 1)
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """The epoch's permutation of the training records, a function of `(seed, epoch)` alone."""
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.train)).astype(np.int32)
 
-    def example(local_position: int) -> dict:
-      # This host's rows of each global batch are one contiguous block of it,
-      # and the augmentation draws depend on the global position alone: the
-      # batches, and each device's share of them, do not depend on the number
-      # of hosts.
-      batch, row = divmod(local_position, self.per_host_batch)
-      position = batch * global_batch + self.process_index * self.per_host_batch + row
-      return preprocess(order[position], np.random.default_rng([augment_seed, position]))
+  def train_batches(self, epoch: int, start_step: int = 0) -> Iterator[dict]:
+    """This host's block of every global batch of `epoch` from `start_step` on: stored images, int32 labels."""
+    order = self.epoch_order(epoch)
+    first_row = self.process_index * self.per_host_batch
 
-    dataset = (
-        grain.MapDataset.range(self.steps_per_epoch * self.per_host_batch)
-        .map(example)
-        .batch(self.per_host_batch, drop_remainder=True)
-    )
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
-    return iter(dataset[start_step:].to_iter_dataset(options))
+    def batch(step: int) -> dict:
+      start = step * self.global_batch + first_row
+      images, labels = self.train.take(order[start : start + self.per_host_batch])
+      return {"image": images, "label": labels}
 
-  def eval_batches(self, num_threads: int = 4) -> Iterator[dict]:
-    """The host's evaluation batches; padding rows have mask 0."""
-    preprocess = Preprocessor(self.spec, self.eval_source, "eval", self.mean, self.std, train=False)
-    total = self.eval_steps * self.per_host_eval_batch * self.process_count
-    length = len(self.eval_source)
+    return self._batches(batch, range(start_step, self.steps_per_epoch), self.train)
 
-    def padded(index: int) -> dict:
-      example = preprocess(min(index, length - 1))
-      example["mask"] = np.float32(index < length)
-      return example
+  def eval_batches(self) -> Iterator[dict]:
+    """This host's block of every evaluation batch; padding rows repeat the last record with mask 0."""
+    count, global_eval_batch = len(self.eval), self.per_host_eval_batch * self.process_count
 
-    dataset = (
-        grain.MapDataset.range(total)[self.process_index :: self.process_count]
-        .map(padded)
-        .batch(self.per_host_eval_batch)
-    )
-    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
-    return iter(dataset.to_iter_dataset(options))
+    def batch(step: int) -> dict:
+      start = step * global_eval_batch + self.process_index * self.per_host_eval_batch
+      positions = np.arange(start, start + self.per_host_eval_batch)
+      images, labels = self.eval.take(np.minimum(positions, count - 1))
+      return {"image": images, "label": labels, "mask": (positions < count).astype(np.float32)}
+
+    return self._batches(batch, range(self.eval_steps), self.eval)
+
+  @staticmethod
+  def _batches(batch, steps: range, split) -> Iterator[dict]:
+    if isinstance(split, Split):
+      return map(batch, steps)  # one gather per batch: no threads needed
+    # Streamed records are read and decoded in background threads, a few batches ahead.
+    dataset = grain.MapDataset.range(steps.start, steps.stop).map(batch)
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))
 
 
-def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
-  return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0])
-
-
-def channel_statistics(source, limit: int = 10_000) -> tuple[tuple, tuple]:
-  """Per-channel mean and std of up to `limit` training images (NaN pixels ignored)."""
-  images = np.stack([to_float_image(read_record(source, "train", i)[0]) for i in range(min(limit, len(source)))])
+def channel_statistics(images: np.ndarray) -> tuple[tuple, tuple]:
+  """Per-channel mean and std of stored images, on the [0, 1] scale."""
+  scale = 255.0 if images.dtype == np.uint8 else 1.0
   axes = tuple(range(images.ndim - 1))
-  return tuple(np.nanmean(images, axes).tolist()), tuple(np.nanstd(images, axes).tolist())
+  mean = images.mean(axes, dtype=np.float64) / scale
+  std = images.std(axes, dtype=np.float64) / scale
+  return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def create_data(
@@ -303,24 +440,39 @@ def create_data(
     global_eval_batch: int,
     seed: int,
     data_dir: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    max_in_memory_bytes: float = 32 * 2**30,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Data:
-  """Opens dataset `name` for this host. Raises before any training on bad input."""
+  """Opens dataset `name` for this host, decoding what fits in memory. Raises before any training on bad input.
+
+  Args:
+    cache_dir: where decoded TFDS splits are cached; None caches nothing.
+    max_in_memory_bytes: splits larger than this (as uint8) are streamed from disk.
+  """
   spec = get_spec(name)
   for what, batch in (("batch_size", global_batch), ("eval_batch_size", global_eval_batch)):
     if batch % process_count:
       raise ValueError(f"{what} {batch} is not divisible by the {process_count} processes.")
   if name == "digits":
-    train_source, eval_source = digits_sources()
+    sources = digits_sources()
   else:
-    train_source = tfds_source(name, spec.train_split, data_dir)
-    eval_source = tfds_source(name, spec.eval_split, data_dir)
-  mean, std = (spec.mean, spec.std) if spec.mean is not None else channel_statistics(train_source)
+    sources = tuple(tfds_source(name, split, data_dir) for split in (spec.train_split, spec.eval_split))
+  train, eval_ = (
+      open_split(name, spec, source, role, cache_dir=cache_dir, max_in_memory_bytes=max_in_memory_bytes)
+      for source, role in zip(sources, ("train", "eval"))
+  )
+  if spec.mean is not None:
+    mean, std = spec.mean, spec.std
+  elif isinstance(train, Split):
+    mean, std = channel_statistics(train.images)
+  else:
+    raise ValueError(f"{name!r} has no normalization statistics and is too large to compute them in memory.")
   data = Data(
       spec=spec,
-      train_source=train_source,
-      eval_source=eval_source,
+      train=train,
+      eval=eval_,
       per_host_batch=global_batch // process_count,
       per_host_eval_batch=global_eval_batch // process_count,
       seed=seed,
@@ -331,20 +483,6 @@ def create_data(
   )
   if data.steps_per_epoch < 1:
     raise ValueError(
-        f"batch_size {global_batch} is larger than the {len(train_source)} training examples of {name!r}."
+        f"batch_size {global_batch} is larger than the {len(train)} training examples of {name!r}."
     )
   return data
-
-
-def check_in_memory_labels(data: Data) -> None:
-  """Checks in-memory labels up front; TFDS records are checked as they are read."""
-  for split, source in (("train", data.train_source), ("eval", data.eval_source)):
-    labels = getattr(source, "labels", None)
-    if labels is None:
-      continue
-    bad = np.flatnonzero((labels < 0) | (labels >= data.spec.num_classes))
-    if bad.size:
-      raise RecordError(
-          f"{split} record {bad[0]} has label {labels[bad[0]]}, outside [0, {data.spec.num_classes})"
-          f" ({bad.size} such records)."
-      )

@@ -2,12 +2,17 @@
 
 Reads top to bottom: configuration checks, the optimizer and schedule, the
 state, the run's files (CSV, TensorBoard, plots, checkpoints), then the loop.
-The step is `aace_jax.make_train_step`, jitted over a data mesh of every device
-with `aace_jax.shard_train_step`; everything else here runs on the host.
+The step is `aace_jax.make_train_step`, run over a data mesh of every device
+with `aace_jax.shard_train_step`, inside one jitted function that also
+augments and normalizes the batch (`train/augment.py`): the host only gathers
+stored images and labels and transfers them a few steps ahead, or, with
+`data_on_device`, sends nothing at all. Checkpoints are written asynchronously.
 """
 
+import collections
 import csv
 import dataclasses
+import itertools
 import functools
 import json
 import os
@@ -15,7 +20,7 @@ import shutil
 import signal
 import time
 import warnings
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +33,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import aace_jax
+from train import augment
 from train import input_pipeline
 from train import models
 
@@ -66,6 +72,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
       (config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}"),
       (config.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}"),
       (config.max_consecutive_skips >= 1, f"max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}"),
+      (config.max_in_memory_gb > 0, f"max_in_memory_gb must be > 0, got {config.max_in_memory_gb}"),
   ]
   if device_count is not None:
     checks += [
@@ -210,8 +217,12 @@ class RunFiles:
       self.writer.close()
 
 
-# Fields that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"halt_after_epochs", "log_every_steps", "overwrite"}
+# Fields that may change between an interrupted run and its resumption: they
+# change where the data lives and how often the run reports, not what it computes.
+RESUMABLE_CHANGES = {
+    "halt_after_epochs", "log_every_steps", "overwrite",
+    "data_on_device", "max_in_memory_gb", "cache_decoded", "decoded_cache_dir",
+}
 
 
 def check_resumable(config, workdir: str) -> None:
@@ -249,10 +260,10 @@ def epoch_summary(step_metrics: list[dict]) -> dict:
   return summary
 
 
-def evaluate(eval_step, state, data, to_global) -> tuple[float, float]:
+def evaluate(eval_step, state, batches: Iterator[dict]) -> tuple[float, float]:
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-  for batch in data.eval_batches():
-    sums = jax.device_get(eval_step(state, to_global(batch)))
+  for batch in batches:
+    sums = jax.device_get(eval_step(state, batch))
     for k in totals:
       totals[k] += float(sums[k])
   return totals["loss_sum"] / totals["count"], totals["correct"] / totals["count"]
@@ -336,33 +347,118 @@ def clear_run(workdir: str) -> None:
     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
 
 
+def prefetch_to_device(batches: Iterator[dict], transfer: Callable, size: int = 2) -> Iterator[dict]:
+  """Transfers batches `size` steps ahead of the one being consumed.
+
+  Dispatch is asynchronous, so while the device runs a step the host gathers
+  and sends the next batches: the transfer hides behind the compute.
+  """
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(transfer(batch))
+    if len(queue) > size:
+      yield queue.popleft()
+  yield from queue
+
+
+class DeviceSplit(NamedTuple):
+  """The train split on the devices (replicated) and the current epoch's order of its records."""
+
+  images: jax.Array
+  labels: jax.Array
+  order: jax.Array
+
+
+def make_device_steps(train_step, eval_step, data: input_pipeline.Data, *, seed: int, batch_sharding: NamedSharding):
+  """The trainer's jitted steps: stored images in, augmentation and normalization on the device.
+
+  Each example's augmentation is drawn from (seed, epoch, its position in the
+  epoch), all read from the step counter, so the draws do not depend on how
+  the batch is split over hosts and devices, and a resumed run repeats them.
+
+  Returns:
+    ``(host_fed_step, resident_step, eval_step)``: ``host_fed_step(state,
+    {"image", "label"})`` takes a global batch of stored images;
+    ``resident_step(state, DeviceSplit)`` gathers the step's batch from a split
+    held on the devices; ``eval_step(state, {"image", "label", "mask"})``
+    normalizes and evaluates.
+  """
+  steps_per_epoch, global_batch, spec = data.steps_per_epoch, data.global_batch, data.spec
+
+  def epoch_and_positions(step):
+    epoch, index = jnp.divmod(step, steps_per_epoch)
+    return epoch, index * global_batch + jnp.arange(global_batch)
+
+  def augmented_step(state, images, labels):
+    epoch, positions = epoch_and_positions(state.step)
+    images = augment.augment_batch(
+        images, seed=seed, epoch=epoch, positions=positions, kind=spec.augment, mean=data.mean, std=data.std
+    )
+    batch = {"image": jax.lax.with_sharding_constraint(images, batch_sharding), "label": labels}
+    return train_step(state, batch)
+
+  def resident_step(state, split: DeviceSplit):
+    _, positions = epoch_and_positions(state.step)
+    rows = jax.lax.with_sharding_constraint(split.order[positions], batch_sharding)
+    return augmented_step(state, split.images[rows], split.labels[rows])
+
+  def normalized_eval_step(state, batch):
+    return eval_step(state, {**batch, "image": augment.normalize(batch["image"], data.mean, data.std)})
+
+  return (
+      jax.jit(lambda state, batch: augmented_step(state, batch["image"], batch["label"]), donate_argnums=0),
+      jax.jit(resident_step, donate_argnums=0),
+      jax.jit(normalized_eval_step),
+  )
+
+
 class Experiment(NamedTuple):
-  """What a run needs, built from the config before anything is written."""
+  """What a run needs, built from the config before anything is written.
+
+  Attributes:
+    train_step: ``(state, batch) -> (state, metrics)``, compiled.
+    train_batches: ``(epoch, start_step) ->`` the batches to give `train_step`, on the devices.
+    eval_step, eval_batches: likewise for evaluation (``eval_batches()``).
+  """
 
   data: input_pipeline.Data
   state: aace_jax.TrainState
   train_step: Callable
+  train_batches: Callable[[int, int], Iterator]
   eval_step: Callable
-  to_global: Callable
+  eval_batches: Callable[[], Iterator]
 
 
-def create_experiment(config: ml_collections.ConfigDict) -> Experiment:
-  """Opens the data, builds the model, optimizer and jitted steps over a mesh of every device."""
-  data = input_pipeline.create_data(
-      config.dataset,
-      global_batch=config.batch_size,
-      global_eval_batch=config.eval_batch_size,
-      seed=config.seed,
-      data_dir=config.data_dir,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-  )
-  input_pipeline.check_in_memory_labels(data)
+def decoded_cache_dir(config) -> Optional[str]:
+  if not config.cache_decoded or config.dataset == "digits":
+    return None
+  return config.decoded_cache_dir or os.path.join(input_pipeline.resolve_data_dir(config.data_dir), "decoded")
+
+
+def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pipeline.Data] = None) -> Experiment:
+  """Opens the data (unless given), builds the model, optimizer and jitted steps over a mesh of every device."""
+  if data is None:
+    data = input_pipeline.create_data(
+        config.dataset,
+        global_batch=config.batch_size,
+        global_eval_batch=config.eval_batch_size,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        cache_dir=decoded_cache_dir(config),
+        max_in_memory_bytes=config.max_in_memory_gb * 2**30,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+  if config.data_on_device and not data.in_memory:
+    raise ConfigError(
+        f"Bad config: data_on_device needs the splits in memory, but {config.dataset!r} is larger than"
+        f" max_in_memory_gb={config.max_in_memory_gb}."
+    )
   tx, perturbation_loss, loss = create_optimizer(config, data.steps_per_epoch)
   model = models.create_model(config.model, data.spec.num_classes, DTYPES[config.dtype])
   apply_fn = aace_jax.linen_apply_fn(model)
 
-  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   batch_sharding = NamedSharding(mesh, P("data"))
   train_step = aace_jax.shard_train_step(
       aace_jax.make_train_step(
@@ -372,23 +468,55 @@ def create_experiment(config: ml_collections.ConfigDict) -> Experiment:
       mesh,
   )
   eval_step = aace_jax.shard_train_step(aace_jax.make_eval_step(apply_fn, loss=loss, axis_name="data"), mesh)
+  host_fed_step, resident_step, eval_step = make_device_steps(
+      train_step, eval_step, data, seed=config.seed, batch_sharding=batch_sharding
+  )
 
   def to_global(batch):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
+
+  if config.data_on_device:
+    images, labels = aace_jax.replicate_on_mesh((data.train.images, data.train.labels), mesh)
+
+    def train_batches(epoch, start_step):
+      split = DeviceSplit(images, labels, aace_jax.replicate_on_mesh(data.epoch_order(epoch), mesh))
+      return itertools.repeat(split, data.steps_per_epoch - start_step)
+
+    train_step = resident_step
+  else:
+
+    def train_batches(epoch, start_step):
+      return prefetch_to_device(data.train_batches(epoch, start_step), to_global)
+
+    train_step = host_fed_step
 
   init_key, state_key = jax.random.split(jax.random.key(config.seed))
   variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, *data.spec.image_shape)), train=False))(init_key)
   params = variables.pop("params")
   state = aace_jax.TrainState.create(params=params, model_state=dict(variables), tx=tx, rng=state_key)
-  return Experiment(data, aace_jax.replicate_on_mesh(state, mesh), train_step, eval_step, to_global)
+  return Experiment(
+      data=data,
+      state=aace_jax.replicate_on_mesh(state, mesh),
+      train_step=train_step,
+      train_batches=train_batches,
+      eval_step=eval_step,
+      eval_batches=lambda: prefetch_to_device(data.eval_batches(), to_global),
+  )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, data: Optional[input_pipeline.Data] = None
+) -> dict[str, Any]:
   """Trains `config.model` on `config.dataset` with `config.optimizer` and evaluates each epoch.
 
   Resumes from the newest readable checkpoint in `workdir/checkpoints`. Stops
   early, resumably, after `config.halt_after_epochs` epochs or on SIGTERM/SIGINT
   (after the current step, with a checkpoint).
+
+  Args:
+    config: the run's config (see `train/configs/default.py`).
+    workdir: where outputs and checkpoints go.
+    data: already opened data to train on instead of `config.dataset` (benchmarks).
 
   Returns:
     The last finished epoch's CSV row plus `workdir`, `finished` and `stopped_by`.
@@ -397,7 +525,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not config.overwrite:
     check_resumable(config, workdir)
   is_writer = jax.process_index() == 0
-  data, state, train_step, eval_step, to_global = create_experiment(config)
+  experiment = create_experiment(config, data)
+  data, state, train_step = experiment.data, experiment.state, experiment.train_step
   steps_per_epoch = data.steps_per_epoch
 
   # Everything that can be wrong with the inputs is known by now: write.
@@ -413,10 +542,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   def save(state):
+    """Starts writing a checkpoint; the loop goes on while orbax writes it in the background."""
     step = int(jax.device_get(state.step))
     if step not in checkpoints.all_steps():
       checkpoints.save(step, args=ocp.args.StandardSave(state_to_checkpoint(state)))
-      checkpoints.wait_until_finished()
 
   state = restore_latest(checkpoints, state)
   start_step = int(jax.device_get(state.step))
@@ -431,57 +560,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from tqdm.auto import tqdm
 
   halt_at = None if config.halt_after_epochs is None else start_epoch + config.halt_after_epochs
-  with StopSignals() as signals:
-    for epoch in range(start_epoch, config.num_epochs):
-      if halt_at is not None and epoch >= halt_at:
-        stopped_by = "halt_after_epochs"
-        break
-      first = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
-      bar = tqdm(
-          total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.num_epochs}",
-          disable=not is_writer, leave=False, dynamic_ncols=True,
-      )
-      epoch_start = time.time()
-      step_metrics, checked = [], 0
-      for index, batch in enumerate(data.train_epoch(epoch, first), start=first):
-        state, metrics = train_step(state, to_global(batch))
-        step_metrics.append(metrics)
-        bar.update(1)
-        at_log_point = (index + 1) % config.log_every_steps == 0 or index + 1 == steps_per_epoch
-        if at_log_point:
-          latest = jax.device_get(metrics)
-          bar.set_postfix(loss=f"{latest['loss']:.3f}", acc=f"{latest['accuracy']:.3f}", lr=f"{latest['learning_rate']:.4g}")
-          for skipped in jax.device_get([m["skipped_steps"] for m in step_metrics[checked:]]):
-            skip_streak = skip_streak + 1 if skipped else 0
-          checked = len(step_metrics)
-          if skip_streak >= config.max_consecutive_skips:
-            save(state)  # skipped steps leave the state as it was: this is the last good one
-            raise TrainingStopped(
-                f"stopped: the last {skip_streak} steps had non-finite gradients and were skipped (step"
-                f" {int(jax.device_get(state.step))}); the last good state is checkpointed in {workdir}."
-            )
-        # Several hosts must stop at the same step, so they compare signals at log points only.
-        if (jax.process_count() == 1 or at_log_point) and signals.any_host_received():
-          stopped_by = signals.received or "signal on another host"
+  try:
+    with StopSignals() as signals:
+      for epoch in range(start_epoch, config.num_epochs):
+        if halt_at is not None and epoch >= halt_at:
+          stopped_by = "halt_after_epochs"
           break
-      bar.close()
-      if stopped_by is not None:
-        save(state)
-        break
-      last_row = finish_epoch(
-          epoch, step_metrics, time.time() - epoch_start, state, data, eval_step, to_global, config,
-          wall_time=lambda: wall_offset + time.time() - run_start,
-      )
-      save(state)
-      files.append(last_row)
-      if is_writer:
-        tqdm.write(
-            f"epoch {epoch + 1}/{config.num_epochs}: train loss {last_row['train_loss']:.4f}"
-            f" acc {last_row['train_acc']:.4f} | val loss {last_row['val_loss']:.4f} acc {last_row['val_acc']:.4f}"
-            f" | lr {last_row['lr']:.4g} | {last_row['images_per_sec']:.0f} img/s"
+        first = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
+        bar = tqdm(
+            total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.num_epochs}",
+            disable=not is_writer, leave=False, dynamic_ncols=True,
         )
-  checkpoints.close()
-  files.close()
+        epoch_start = time.time()
+        step_metrics, checked = [], 0
+        for index, batch in enumerate(experiment.train_batches(epoch, first), start=first):
+          state, metrics = train_step(state, batch)
+          step_metrics.append(metrics)
+          bar.update(1)
+          at_log_point = (index + 1) % config.log_every_steps == 0 or index + 1 == steps_per_epoch
+          if at_log_point:
+            latest = jax.device_get(metrics)
+            bar.set_postfix(loss=f"{latest['loss']:.3f}", acc=f"{latest['accuracy']:.3f}", lr=f"{latest['learning_rate']:.4g}")
+            for skipped in jax.device_get([m["skipped_steps"] for m in step_metrics[checked:]]):
+              skip_streak = skip_streak + 1 if skipped else 0
+            checked = len(step_metrics)
+            if skip_streak >= config.max_consecutive_skips:
+              save(state)  # skipped steps leave the state as it was: this is the last good one
+              raise TrainingStopped(
+                  f"stopped: the last {skip_streak} steps had non-finite gradients and were skipped (step"
+                  f" {int(jax.device_get(state.step))}); the last good state is checkpointed in {workdir}."
+              )
+          # Several hosts must stop at the same step, so they compare signals at log points only.
+          if (jax.process_count() == 1 or at_log_point) and signals.any_host_received():
+            stopped_by = signals.received or "signal on another host"
+            break
+        bar.close()
+        if stopped_by is not None:
+          save(state)
+          break
+        last_row = finish_epoch(
+            epoch, step_metrics, time.time() - epoch_start, state, experiment, config,
+            wall_time=lambda: wall_offset + time.time() - run_start,
+        )
+        save(state)
+        files.append(last_row)
+        if is_writer:
+          tqdm.write(
+              f"epoch {epoch + 1}/{config.num_epochs}: train loss {last_row['train_loss']:.4f}"
+              f" acc {last_row['train_acc']:.4f} | val loss {last_row['val_loss']:.4f} acc {last_row['val_acc']:.4f}"
+              f" | lr {last_row['lr']:.4g} | {last_row['images_per_sec']:.0f} img/s"
+          )
+  finally:
+    checkpoints.wait_until_finished()  # a stop or an error still leaves the last checkpoint whole
+    checkpoints.close()
+    files.close()
   finished = stopped_by is None and last_row is not None and last_row["epoch"] == config.num_epochs - 1
   return {
       **(last_row or {}),
@@ -492,10 +624,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   }
 
 
-def finish_epoch(epoch, step_metrics, seconds, state, data, eval_step, to_global, config, *, wall_time) -> dict:
+def finish_epoch(epoch, step_metrics, seconds, state, experiment, config, *, wall_time) -> dict:
   """The epoch's CSV row: training means, evaluation, throughput; `wall_time()` read after evaluation."""
   summary = epoch_summary(step_metrics)
-  val_loss, val_acc = evaluate(eval_step, state, data, to_global)
+  val_loss, val_acc = evaluate(experiment.eval_step, state, experiment.eval_batches())
   return {
       "epoch": epoch,
       "lr": summary["learning_rate"],

@@ -21,9 +21,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = config_dict.placeholder(str)  # TFDS data dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
   config.batch_size = 128  # global, over all devices and hosts
   config.eval_batch_size = 512
+  config.data_on_device = False  # True: the train split lives on the devices; each step gathers its batch there
+  config.max_in_memory_gb = 32.0  # splits larger than this (as stored) are streamed from disk
+  config.cache_decoded = True  # save decoded TFDS splits, so later runs and resumes skip decoding
+  config.decoded_cache_dir = config_dict.placeholder(str)  # None: <data_dir>/decoded
 
   # Model.
-  config.model = "small_cnn"  # small_cnn | wrn16_4 | wrn28_10 | pyramidnet272 | pyramidnet272_bottleneck
+  config.model = "small_cnn"  # linear | small_cnn | wrn16_4 | wrn28_10 | pyramidnet272 | pyramidnet272_bottleneck
   config.dtype = "float32"  # computation dtype; parameters stay float32
 
   # Method.
