@@ -121,7 +121,9 @@ def _learning_rate(opt_state) -> Optional[jax.Array]:
 
 
 def _all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+  """True when every floating-point leaf of `tree` is finite (integer leaves, counters, are)."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 def _mean_value_and_grad(fn, params, images, labels, micro_batches: int):
@@ -197,8 +199,10 @@ def make_train_step(
   batch without BatchNorm (BatchNorm normalizes each micro-batch on its own;
   the new running statistics are the mean of the micro-batches').
 
-  Non-finite steps (``skip_nonfinite``): if the perturbation gradient or the
-  final gradient has a NaN or an infinity (on any device), the step keeps
+  Non-finite steps (``skip_nonfinite``): if the perturbation gradient, the
+  final gradient, or the state the step would produce (parameters, optimizer
+  state, model state such as BatchNorm statistics) has a NaN or an infinity
+  (on any device), the step keeps
   the parameters, model state and optimizer state as they were, still
   advances ``step`` (so the data moves on), and reports ``skipped_steps=1``.
 
@@ -217,7 +221,7 @@ def make_train_step(
     axis_name: the mapped axis for data parallelism, or None on one device.
     sync_perturbation: average the first-pass gradient over ``axis_name``.
     grad_accum_steps: micro-batches per step, dividing the per-device batch.
-    skip_nonfinite: skip updates whose gradients are not finite.
+    skip_nonfinite: skip updates whose gradients or results are not finite.
 
   Returns:
     ``step(state, batch) -> (state, metrics)`` with ``batch = {"image",
@@ -339,6 +343,9 @@ def make_train_step(
       metrics["learning_rate"] = learning_rate
     updated = (optax.apply_updates(state.params, updates), average(new_model_state), opt_state)
     if skip_nonfinite:
+      # A finite gradient can still give a non-finite state (a NaN learning
+      # rate, BatchNorm statistics overflowing on a huge input).
+      finite = finite & _all_finite(updated)
       if axis_name is not None:  # every replica must take the same decision
         finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
       current = (state.params, state.model_state, state.opt_state)

@@ -98,7 +98,7 @@ def test_consecutive_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
   # Every step was skipped: the checkpoint holds the initial parameters, untouched.
   init_key, _ = jax.random.split(jax.random.key(42))
   model = models.create_model("small_cnn", 10)
-  initial = jax.jit(lambda key: model.init(key, jnp.zeros((1, 8, 8, 1)), train=False))(init_key)["params"]
+  initial = models.init_variables(model, init_key, (8, 8, 1))["params"]
   for saved, expected in zip(jax.tree.leaves(tree["params"]), jax.tree.leaves(initial)):
     np.testing.assert_array_equal(saved, expected)
 

@@ -85,3 +85,33 @@ def test_pyramidnet_channels_grow_by_alpha():
 def test_create_model_rejects_unknown_names():
   with pytest.raises(ValueError, match="Unknown model 'resnet50'"):
     models.create_model("resnet50", 10)
+
+
+# Every architecture of the registry; PyramidNet at a small depth, since the jitted
+# reference init of PyramidNet-272 alone compiles for minutes (it is the same class).
+INIT_MODELS = {
+    "linear": models.Linear(10),
+    "small_cnn": models.SmallCNN(10),
+    "wrn16_4": models.WideResNet(16, 4, 10),
+    "wrn28_10": models.WideResNet(28, 10, 100),
+    "pyramidnet20": models.PyramidNet(20, 48, 10),
+    "pyramidnet29_bottleneck": models.PyramidNet(29, 48, 10, bottleneck=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INIT_MODELS))
+def test_fast_init_gives_model_init_parameters(name):
+  model = INIT_MODELS[name]
+  key = jax.random.key(7)
+  expected = jax.jit(lambda k: model.init(k, jnp.zeros((1, 32, 32, 3)), train=False))(key)
+  got = models.init_variables(model, key, (32, 32, 3))
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    # Equal up to float32 rounding of the initializers (eager and jitted model.init differ likewise).
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
+
+
+def test_registry_models_are_covered_by_the_init_test():
+  covered = {type(m) for m in INIT_MODELS.values()}
+  assert {type(models.create_model(name, 10)) for name in models.MODELS} <= covered

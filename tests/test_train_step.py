@@ -257,3 +257,29 @@ def test_nonfinite_batch_is_skipped(method):
 def test_bad_accumulation_argument():
   with pytest.raises(ValueError, match="grad_accum_steps must be a positive int, got 0"):
     aace_jax.make_train_step(mlp_apply, optax.sgd(0.1), grad_accum_steps=0)
+
+
+@pytest.mark.parametrize("case", ["learning_rate", "weight_decay", "batch_stats"])
+def test_step_that_would_make_the_state_nonfinite_is_skipped(case):
+  """Finite gradients, non-finite results: a NaN learning rate or weight decay, BatchNorm overflowing."""
+  model = BatchNormNet()
+  batch = make_batch(n=32)
+  variables = model.init(jax.random.key(0), batch["image"], train=False)
+  base = {
+      "learning_rate": optax.sgd(jnp.inf),
+      "weight_decay": optax.chain(optax.add_decayed_weights(jnp.nan), optax.sgd(0.1)),
+      "batch_stats": optax.sgd(0.1),
+  }[case]
+  tx = aace_jax.aace_sam(base, 0.2)
+  state = aace_jax.TrainState.create(
+      params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
+  )
+  if case == "batch_stats":
+    # One huge but finite input: its squares overflow float32 in the running variance.
+    batch = dict(batch, image=batch["image"].at[3].set(3e19))
+  step = jax.jit(aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx))
+  new, metrics = step(state, batch)
+  assert metrics["skipped_steps"] == 1
+  for before, after in zip(jax.tree.leaves((state.params, state.model_state)),
+                           jax.tree.leaves((new.params, new.model_state)), strict=True):
+    np.testing.assert_array_equal(after, before)

@@ -232,3 +232,18 @@ def test_split_on_the_devices_trains_exactly_like_host_batches(tmp_path):
   for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b), strict=True):
     np.testing.assert_array_equal(a, b)
   assert read_csv(host)[0]["train_loss"] == read_csv(device)[0]["train_loss"]
+
+
+def test_second_process_loads_the_compiled_steps_from_the_cache(tmp_path):
+  cache = tmp_path / "xla"
+  args = ["--config.num_epochs=1", f"--config.compilation_cache_dir={cache}"]
+  first = run_main("--workdir", str(tmp_path / "first"), *args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "compilation cache: 0 hits" in first.stdout
+  entries = sorted(p.name for p in cache.iterdir())
+  assert entries
+  second = run_main("--workdir", str(tmp_path / "second"), *args)
+  assert second.returncode == 0, second.stderr[-3000:]
+  hits = second.stdout.split("compilation cache: ")[1].split(")")[0]
+  assert hits.endswith(" hits, 0 misses") and not hits.startswith("0 hits"), hits
+  assert sorted(p.name for p in cache.iterdir()) == entries  # nothing compiled anew

@@ -66,6 +66,8 @@ def main(argv):
       "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.optimizer}"
   )
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
+  cache_dir = train.enable_compilation_cache(config)
+  logging.info("compilation cache: %s", cache_dir)
   start = time.time()
   try:
     result = train.train_and_evaluate(config, workdir)

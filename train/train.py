@@ -217,11 +217,47 @@ class RunFiles:
       self.writer.close()
 
 
+def default_compilation_cache_dir() -> str:
+  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(cache_home, "aace_jax", "xla")
+
+
+# jax.monitoring events of the persistent compilation cache, counted since it was enabled
+# ("listening" is 1 once the listener is registered).
+compilation_cache_events = collections.Counter()
+
+
+def _count_cache_event(event: str, **kwargs) -> None:
+  del kwargs
+  if event in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):
+    compilation_cache_events[event.rsplit("/", 1)[1]] += 1
+
+
+def enable_compilation_cache(config) -> Optional[str]:
+  """Turns on jax's persistent compilation cache: a resumed or repeated run loads its compiled steps.
+
+  Call it before anything compiles. Returns the cache directory, or None when
+  `config.compilation_cache` is off.
+  """
+  if not config.compilation_cache:
+    return None
+  path = config.compilation_cache_dir or default_compilation_cache_dir()
+  jax.config.update("jax_compilation_cache_dir", path)
+  # Every program, however quick to compile: a resumed run then compiles nothing.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if not compilation_cache_events["listening"]:
+    jax.monitoring.register_event_listener(_count_cache_event)
+    compilation_cache_events["listening"] = 1
+  return path
+
+
 # Fields that may change between an interrupted run and its resumption: they
 # change where the data lives and how often the run reports, not what it computes.
 RESUMABLE_CHANGES = {
     "halt_after_epochs", "log_every_steps", "overwrite",
     "data_on_device", "max_in_memory_gb", "cache_decoded", "decoded_cache_dir",
+    "compilation_cache", "compilation_cache_dir",
 }
 
 
@@ -491,7 +527,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
     train_step = host_fed_step
 
   init_key, state_key = jax.random.split(jax.random.key(config.seed))
-  variables = jax.jit(lambda key: model.init(key, jnp.zeros((1, *data.spec.image_shape)), train=False))(init_key)
+  variables = models.init_variables(model, init_key, data.spec.image_shape)
   params = variables.pop("params")
   state = aace_jax.TrainState.create(params=params, model_state=dict(variables), tx=tx, rng=state_key)
   return Experiment(
@@ -521,6 +557,7 @@ def train_and_evaluate(
   Returns:
     The last finished epoch's CSV row plus `workdir`, `finished` and `stopped_by`.
   """
+  invocation_start = time.time()
   check_config(config)
   if not config.overwrite:
     check_resumable(config, workdir)
@@ -556,6 +593,7 @@ def train_and_evaluate(
   last_row = rows[-1] if rows else None
   stopped_by = None
   skip_streak = 0
+  first_step_seconds = None
 
   from tqdm.auto import tqdm
 
@@ -576,6 +614,15 @@ def train_and_evaluate(
         for index, batch in enumerate(experiment.train_batches(epoch, first), start=first):
           state, metrics = train_step(state, batch)
           step_metrics.append(metrics)
+          if first_step_seconds is None:
+            jax.block_until_ready(metrics)
+            first_step_seconds = time.time() - invocation_start
+            if is_writer:
+              cache = dict(compilation_cache_events)
+              tqdm.write(
+                  f"first step after {first_step_seconds:.1f} s (start, data, init, compile and the step;"
+                  f" compilation cache: {cache.get('cache_hits', 0)} hits, {cache.get('cache_misses', 0)} misses)"
+              )
           bar.update(1)
           at_log_point = (index + 1) % config.log_every_steps == 0 or index + 1 == steps_per_epoch
           if at_log_point:
@@ -621,6 +668,7 @@ def train_and_evaluate(
       "finished": finished,
       "stopped_by": stopped_by,
       "step": int(jax.device_get(state.step)),
+      "first_step_seconds": first_step_seconds,
   }
 
 

@@ -54,5 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_max_to_keep = 3
   config.halt_after_epochs = config_dict.placeholder(int)  # stop this invocation early, resumable
   config.max_consecutive_skips = 10  # stop after this many steps in a row with non-finite gradients
+  config.compilation_cache = True  # jax's persistent compilation cache: a resumed run loads its compiled steps
+  config.compilation_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/aace_jax/xla ($XDG_CACHE_HOME)
   config.overwrite = False  # True: discard a previous run in the workdir instead of resuming it
   return config

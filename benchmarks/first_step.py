@@ -1,0 +1,121 @@
+"""Time to the first step: parameter init, trace, lowering and compile of the trainer's step, cold and cached.
+
+    python benchmarks/first_step.py --model wrn28_10 --batch 256 --json
+    python benchmarks/first_step.py --model pyramidnet272 --batch 64 --optimizer aace_sam --json
+
+Each measurement runs in a fresh process (nothing compiled in memory), twice
+over one new persistent compilation cache: `cold` fills it, `cached` is what
+a resumed run pays. A process builds the trainer's experiment exactly as
+`train.train_and_evaluate` does (`init_seconds`: the model and its
+parameters, which compile an init program), then takes the trainer's jitted
+step through `trace`, `lower` and `compile` and runs it once. The last line
+printed is a JSON object; `cache_entries` counts the cache's files after each
+process, so an unchanged count means the cached run compiled nothing new.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--model", default="wrn16_4", help="a model name of train/models.py")
+  parser.add_argument("--optimizer", default="aace_sam", choices=("sgd", "sam", "aace_sam", "asam"))
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--dataset", default="cifar100", help="the shape and classes of the inputs")
+  parser.add_argument("--cache_dir", help="an existing compilation cache to use (default: a new, empty one)")
+  parser.add_argument("--json", action="store_true", help="print only the JSON object")
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one timed process
+  args = parser.parse_args(argv)
+  if args.batch < 1:
+    parser.error(f"--batch must be positive, got {args.batch}")
+  return args
+
+
+def one_process(args) -> dict:
+  """The phases of one fresh process, in seconds, with the compilation cache's hits and misses."""
+  start = time.perf_counter()
+  import jax
+  import numpy as np
+
+  from train import input_pipeline
+  from train import train
+  from train.configs import default
+
+  config = default.get_config()
+  config.dataset, config.model, config.optimizer, config.dtype = args.dataset, args.model, args.optimizer, args.dtype
+  config.batch_size = config.eval_batch_size = args.batch
+  config.compilation_cache_dir = args.cache_dir
+  train.enable_compilation_cache(config)
+  spec = input_pipeline.get_spec(args.dataset)
+  rng = np.random.default_rng(0)
+  split = input_pipeline.Split(
+      rng.integers(0, 256, (args.batch, *spec.image_shape), dtype=np.uint8),
+      rng.integers(0, spec.num_classes, args.batch).astype(np.int32),
+  )
+  data = input_pipeline.Data(spec, split, split, args.batch, args.batch, 0, spec.mean or (0.5,), spec.std or (0.25,))
+  phases = {"import_seconds": time.perf_counter() - start}
+
+  def timed(name, fn):
+    begin = time.perf_counter()
+    result = fn()
+    phases[name] = time.perf_counter() - begin
+    return result
+
+  experiment = timed("init_seconds", lambda: train.create_experiment(config, data))
+  batch = next(iter(experiment.train_batches(0, 0)))
+  traced = timed("trace_seconds", lambda: experiment.train_step.trace(experiment.state, batch))
+  lowered = timed("lower_seconds", traced.lower)
+  compiled = timed("compile_seconds", lowered.compile)
+  timed("step_seconds", lambda: jax.block_until_ready(compiled(experiment.state, batch)))
+  phases["first_step_seconds"] = time.perf_counter() - start
+  return {
+      **{k: round(v, 3) for k, v in phases.items()},
+      "cache_hits": train.compilation_cache_events["cache_hits"],
+      "cache_misses": train.compilation_cache_events["cache_misses"],
+      "device": jax.devices()[0].device_kind,
+      "backend": jax.default_backend(),
+  }
+
+
+def run_child(args, cache_dir: str) -> dict:
+  command = [sys.executable, __file__, "--child", "--model", args.model, "--optimizer", args.optimizer,
+             "--dtype", args.dtype, "--batch", str(args.batch), "--dataset", args.dataset, "--cache_dir", cache_dir]
+  result = subprocess.run(command, capture_output=True, text=True)
+  if result.returncode != 0:
+    raise SystemExit(f"the timed process failed:\n{result.stderr[-3000:]}")
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  report["cache_entries"] = len(os.listdir(cache_dir))
+  return report
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.child:
+    print(json.dumps(one_process(args)))
+    return
+  with tempfile.TemporaryDirectory() as fresh:
+    cache_dir = args.cache_dir or fresh
+    cold = run_child(args, cache_dir)
+    cached = run_child(args, cache_dir)
+  report = {
+      "model": args.model, "optimizer": args.optimizer, "dtype": args.dtype, "batch": args.batch,
+      "dataset": args.dataset, "cold": cold, "cached": cached,
+  }
+  if not args.json:
+    for name in ("cold", "cached"):
+      print(name, ", ".join(f"{k} {v}" for k, v in report[name].items()))
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()
