@@ -270,6 +270,11 @@ def make_train_step(
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     model_rng, loss_rng = jax.random.split(rng)
+    if _find_states(state.opt_state, optax.MultiStepsState):
+      raise ValueError(
+          "make_train_step: optax.MultiSteps is not supported here (it calls grad_fn under lax.cond, or not"
+          " at all); accumulate gradients with make_train_step(..., grad_accum_steps=k) instead."
+      )
     sharpness_aware = _calls_grad_fn(tx, state.opt_state, state.params)
 
     def forward(params, images, index):

@@ -90,7 +90,7 @@ def test_nan_batch_is_skipped_and_counted(tmp_path):
 
 def test_consecutive_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
   data = poisoned_digits(slice(None))  # every batch is NaN
-  with pytest.raises(train.TrainingStopped, match="the last 5 steps had non-finite gradients"):
+  with pytest.raises(train.TrainingStopped, match="the last 5 steps were not finite and were skipped"):
     train.train_and_evaluate(small_config(max_consecutive_skips=5, log_every_steps=5), str(tmp_path / "run"),
                              data=data)
   step, tree = latest_checkpoint(str(tmp_path / "run"))

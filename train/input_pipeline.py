@@ -180,6 +180,11 @@ def prepare_record(spec: DatasetSpec, source, split: str, index: int) -> tuple[n
     image = image.astype(np.float32)
     if not np.all(np.isfinite(image)):
       raise RecordError(f"{split} record {index} has non-finite pixel values.")
+    if image.min() < 0 or image.max() > 1:
+      raise RecordError(
+          f"{split} record {index} has pixel values in [{image.min():g}, {image.max():g}]; float images must lie in"
+          " [0, 1]."
+      )
   return image, label
 
 
@@ -238,10 +243,19 @@ def check_arrays(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, spli
     if not np.issubdtype(images.dtype, np.floating):
       raise RecordError(f"{split} images have dtype {images.dtype}; expected uint8 or float.")
     images = images.astype(np.float32, copy=False)
-    finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    flat = images.reshape(len(images), -1)
+    finite = np.isfinite(flat).all(axis=1)
     if not finite.all():
       bad = np.flatnonzero(~finite)
       raise RecordError(f"{split} record {bad[0]} has non-finite pixel values ({len(bad)} such records).")
+    # Float images are read as [0, 1] (uint8 / 255): a value outside is a bad record, not a statistic.
+    outside = (flat < 0).any(axis=1) | (flat > 1).any(axis=1)
+    if outside.any():
+      bad = np.flatnonzero(outside)
+      raise RecordError(
+          f"{split} record {bad[0]} has pixel values in [{flat[bad[0]].min():g}, {flat[bad[0]].max():g}];"
+          f" float images must lie in [0, 1] ({len(bad)} such records)."
+      )
   return Split(np.ascontiguousarray(images), labels.astype(np.int32))
 
 
@@ -463,6 +477,9 @@ def create_data(
       open_split(name, spec, source, role, cache_dir=cache_dir, max_in_memory_bytes=max_in_memory_bytes)
       for source, role in zip(sources, ("train", "eval"))
   )
+  for role, split in (("train", train), ("eval", eval_)):
+    if len(split) == 0:
+      raise RecordError(f"the {role} split of {name!r} is empty.")
   if spec.mean is not None:
     mean, std = spec.mean, spec.std
   elif isinstance(train, Split):

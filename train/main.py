@@ -8,6 +8,7 @@ where outputs and checkpoints go (rerun the same command to resume).
 
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -32,7 +33,12 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --
 flags.DEFINE_integer("num_processes", None, "Number of processes, for --multihost outside TPU/SLURM.")
 flags.DEFINE_integer("process_id", None, "This process's index, for --multihost outside TPU/SLURM.")
 flags.DEFINE_bool("dry_run", False, "Check the command and the config, print the config, and exit.")
-config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "A config file with get_config().", lock_config=True)
+try:  # ml_collections applies --config.FIELD overrides here, as the flag is defined
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "A config file with get_config().", lock_config=True)
+except (KeyError, AttributeError) as unknown_field:
+  suggestion = re.search(r"Did you mean \S+ instead of \S+\?", str(unknown_field))
+  sys.exit(f"error: unknown config field in {' '.join(a for a in sys.argv[1:] if a.startswith('--config'))}"
+           f"{'; ' + suggestion.group(0) if suggestion else ''}")
 
 
 def cluster_detected() -> bool:
@@ -72,8 +78,10 @@ def main(argv):
   try:
     result = train.train_and_evaluate(config, workdir)
   except (train.ConfigError, input_pipeline.DatasetNotFoundError, input_pipeline.RecordError,
-          train.CheckpointError, train.TrainingStopped, ValueError) as error:
+          train.CheckpointError, train.TrainingStopped, train.WorkdirBusy, ValueError) as error:
     sys.exit(f"error: {error}")
+  except OSError as error:  # the workdir or the data: a path and its cause, in one line
+    sys.exit(f"error: {error.strerror or error} ({error.filename or workdir})")
   if jax.process_index() != 0:
     return
   where = f"workdir {os.path.abspath(workdir)}"
@@ -89,5 +97,14 @@ def main(argv):
     )
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with a bad flag or config field (a typo, say) reported in one line."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as error:
+    message = str(error).strip().splitlines()
+    sys.exit(f"error: {message[-1] if message else type(error).__name__}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

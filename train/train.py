@@ -1,25 +1,25 @@
 """Training and evaluation loop: `train_and_evaluate(config, workdir)`.
 
 Reads top to bottom: configuration checks, the optimizer and schedule, the
-state, the run's files (CSV, TensorBoard, plots, checkpoints), then the loop.
-The step is `aace_jax.make_train_step`, run over a data mesh of every device
-with `aace_jax.shard_train_step`, inside one jitted function that also
-augments and normalizes the batch (`train/augment.py`): the host only gathers
-stored images and labels and transfers them a few steps ahead, or, with
-`data_on_device`, sends nothing at all. Checkpoints are written asynchronously.
+compilation cache, the device-side steps and the epoch's running totals, the
+experiment (data, model, jitted steps), then the loop. The step is
+`aace_jax.make_train_step`, run over a data mesh of every device with
+`aace_jax.shard_train_step`, inside one jitted function that also augments
+and normalizes the batch (`train/augment.py`) and adds the step's metrics to
+the epoch's totals: the host only gathers stored images and labels and
+transfers them a few steps ahead, or, with `data_on_device`, sends nothing at
+all. The workdir's files are in `train/workdir.py`, checkpoints in
+`train/checkpointing.py`.
 """
 
 import collections
-import csv
-import dataclasses
-import itertools
 import functools
+import itertools
 import json
+import math
 import os
-import shutil
 import signal
 import time
-import warnings
 from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import jax
@@ -27,22 +27,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import aace_jax
 from train import augment
+from train import checkpointing
 from train import input_pipeline
 from train import models
+from train import workdir as workdir_files
+from train.checkpointing import CheckpointError  # noqa: F401 (raised through here; main catches it)
+from train.workdir import CSV_COLUMNS  # noqa: F401 (the CSV's columns, for readers of the trainer)
+from train.workdir import WorkdirBusy  # noqa: F401
 
 OPTIMIZERS = ("sgd", "sam", "aace_sam", "asam")
 DEFAULT_RHO = {"aace_sam": 0.2, "sam": 0.05, "asam": 0.5, "sgd": 0.0}
-CSV_COLUMNS = (
-    "epoch", "lr", "avg_ce_loss", "avg_aace_loss", "avg_grad_norm", "avg_perturbation",
-    "train_loss", "train_acc", "val_loss", "val_acc", "skipped_steps", "images_per_sec", "wall_time",
-)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -50,8 +49,16 @@ class ConfigError(ValueError):
   """A configuration that cannot run; raised before anything is written."""
 
 
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _at_least(value, low) -> bool:
+  return _is_number(value) and value >= low
+
+
 def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] = -1) -> None:
-  """Raises `ConfigError` naming the first bad field.
+  """Raises `ConfigError` naming the first bad field and its value.
 
   Batch sizes are checked against `device_count` (default: this machine's
   devices; None skips that check, for a command checked on another machine).
@@ -60,19 +67,36 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
     device_count = jax.device_count()
   checks = [
       (config.optimizer in OPTIMIZERS, f"optimizer {config.optimizer!r} is not one of {OPTIMIZERS}"),
-      (config.dataset in input_pipeline.DATASETS, f"dataset {config.dataset!r} is not one of {sorted(input_pipeline.DATASETS)}"),
+      (config.dataset in input_pipeline.DATASETS,
+       f"dataset {config.dataset!r} is not one of {sorted(input_pipeline.DATASETS)}"),
       (config.model in models.MODELS, f"model {config.model!r} is not one of {sorted(models.MODELS)}"),
       (config.dtype in DTYPES, f"dtype {config.dtype!r} is not one of {sorted(DTYPES)}"),
-      (config.rho is None or config.rho >= 0, f"rho must be >= 0, got {config.rho}"),
+      (config.rho is None or _at_least(config.rho, 0), f"rho must be >= 0, got {config.rho}"),
       (config.aace_mode in aace_jax.AACE_MODES, f"aace_mode {config.aace_mode!r} is not one of {aace_jax.AACE_MODES}"),
-      (0 <= config.aace_threshold <= 1, f"aace_threshold must lie in [0, 1], got {config.aace_threshold}"),
-      (0 <= config.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {config.label_smoothing}"),
-      (config.num_epochs >= 1, f"num_epochs must be >= 1, got {config.num_epochs}"),
-      (config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}"),
-      (config.learning_rate > 0, f"learning_rate must be > 0, got {config.learning_rate}"),
-      (config.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}"),
-      (config.max_consecutive_skips >= 1, f"max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}"),
-      (config.max_in_memory_gb > 0, f"max_in_memory_gb must be > 0, got {config.max_in_memory_gb}"),
+      (_at_least(config.aace_threshold, 0) and config.aace_threshold <= 1,
+       f"aace_threshold must lie in [0, 1], got {config.aace_threshold}"),
+      (_at_least(config.label_smoothing, 0) and config.label_smoothing < 1,
+       f"label_smoothing must lie in [0, 1), got {config.label_smoothing}"),
+      (_at_least(config.num_epochs, 1), f"num_epochs must be >= 1, got {config.num_epochs}"),
+      (_at_least(config.batch_size, 1), f"batch_size must be >= 1, got {config.batch_size}"),
+      (_at_least(config.eval_batch_size, 1), f"eval_batch_size must be >= 1, got {config.eval_batch_size}"),
+      (_is_number(config.learning_rate) and config.learning_rate > 0,
+       f"learning_rate must be a finite number > 0, got {config.learning_rate}"),
+      (_at_least(config.momentum, 0) and config.momentum < 1, f"momentum must lie in [0, 1), got {config.momentum}"),
+      (_at_least(config.weight_decay, 0), f"weight_decay must be a finite number >= 0, got {config.weight_decay}"),
+      (_is_number(config.lr_decay) and config.lr_decay > 0, f"lr_decay must be a finite number > 0, got {config.lr_decay}"),
+      (all(_is_number(f) and 0 < f <= 1 for f in config.lr_milestones),
+       f"lr_milestones must be fractions of training in (0, 1], got {tuple(config.lr_milestones)}"),
+      (_at_least(config.grad_accum_steps, 1), f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}"),
+      (_at_least(config.max_consecutive_skips, 1),
+       f"max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}"),
+      (_is_number(config.max_in_memory_gb) and config.max_in_memory_gb > 0,
+       f"max_in_memory_gb must be a finite number > 0, got {config.max_in_memory_gb}"),
+      (_at_least(config.log_every_steps, 1), f"log_every_steps must be >= 1, got {config.log_every_steps}"),
+      (_at_least(config.checkpoint_max_to_keep, 1),
+       f"checkpoint_max_to_keep must be >= 1, got {config.checkpoint_max_to_keep}"),
+      (config.halt_after_epochs is None or _at_least(config.halt_after_epochs, 1),
+       f"halt_after_epochs must be >= 1 (or None), got {config.halt_after_epochs}"),
   ]
   if device_count is not None:
     checks += [
@@ -127,94 +151,6 @@ def create_optimizer(config, steps_per_epoch: int):
     return aace_jax.aace_sam(base, rho, **normalize), aace, loss
   adaptive = config.optimizer == "asam"
   return aace_jax.sam(base, rho, adaptive=adaptive, **normalize), loss, loss
-
-
-def state_to_checkpoint(state: aace_jax.TrainState) -> dict:
-  return state._replace(rng=jax.random.key_data(state.rng))._asdict()
-
-
-def state_from_checkpoint(tree: dict) -> aace_jax.TrainState:
-  return aace_jax.TrainState(**{**tree, "rng": jax.random.wrap_key_data(tree["rng"])})
-
-
-@dataclasses.dataclass
-class RunFiles:
-  """The workdir's outputs; only process 0 writes them."""
-
-  workdir: str
-  enabled: bool
-
-  def __post_init__(self):
-    self.csv_path = os.path.join(self.workdir, "metrics.csv")
-    self.plots_dir = os.path.join(self.workdir, "plots")
-    self.writer = None
-    if self.enabled:
-      from tensorboardX import SummaryWriter
-
-      os.makedirs(self.plots_dir, exist_ok=True)
-      self.writer = SummaryWriter(os.path.join(self.workdir, "tensorboard"))
-
-  def rows(self) -> list[dict]:
-    if not os.path.exists(self.csv_path):
-      return []
-    with open(self.csv_path, newline="") as f:
-      return [{k: int(v) if k == "epoch" else float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-  def keep_epochs_before(self, epoch: int) -> list[dict]:
-    """Drops rows of epochs a checkpoint does not cover (a crash after the CSV write)."""
-    rows = [row for row in self.rows() if row["epoch"] < epoch]
-    if self.enabled and os.path.exists(self.csv_path):
-      self._write(rows)
-    return rows
-
-  def _write(self, rows):
-    with open(self.csv_path, "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-      writer.writeheader()
-      writer.writerows(rows)
-
-  def append(self, row: dict) -> None:
-    if not self.enabled:
-      return
-    new_file = not os.path.exists(self.csv_path)
-    with open(self.csv_path, "a", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-      if new_file:
-        writer.writeheader()
-      writer.writerow(row)
-    for name, value in row.items():
-      if name != "epoch":
-        self.writer.add_scalar(name, value, int(row["epoch"]) + 1)
-    self.writer.flush()
-    self.plot(self.rows())
-
-  def plot(self, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] + 1 for row in rows]
-    panels = {
-        "loss": ("loss", ("avg_ce_loss", "avg_aace_loss", "train_loss", "val_loss")),
-        "perturbation": ("norm", ("avg_grad_norm", "avg_perturbation")),
-        "accuracy": ("accuracy", ("train_acc", "val_acc")),
-    }
-    for name, (ylabel, columns) in panels.items():
-      fig, ax = plt.subplots(figsize=(6, 4))
-      for column in columns:
-        ax.plot(epochs, [row[column] for row in rows], label=column, marker="." if len(rows) < 30 else None)
-      ax.set_xlabel("epoch")
-      ax.set_ylabel(ylabel)
-      ax.grid(alpha=0.3)
-      ax.legend()
-      fig.tight_layout()
-      fig.savefig(os.path.join(self.plots_dir, f"{name}.png"), dpi=100)
-      plt.close(fig)
-
-  def close(self):
-    if self.writer is not None:
-      self.writer.close()
 
 
 def default_compilation_cache_dir() -> str:
@@ -277,25 +213,6 @@ def check_resumable(config, workdir: str) -> None:
     )
 
 
-def write_config(config, workdir: str) -> None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    with open(path, "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def epoch_summary(step_metrics: list[dict]) -> dict:
-  """Means over an epoch's applied steps; the learning rate's last value (as the authors log
-  it); the number of skipped steps. Fetched from the devices once per epoch.
-  """
-  stacked = jax.device_get({k: jnp.stack([m[k] for m in step_metrics]) for k in step_metrics[0]})
-  applied = stacked["skipped_steps"] == 0
-  summary = {k: float(np.mean(v[applied])) if applied.any() else float("nan") for k, v in stacked.items()}
-  summary["learning_rate"] = float(stacked["learning_rate"][-1])
-  summary["skipped_steps"] = float(np.sum(stacked["skipped_steps"]))
-  return summary
-
-
 def evaluate(eval_step, state, batches: Iterator[dict]) -> tuple[float, float]:
   totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
   for batch in batches:
@@ -303,47 +220,6 @@ def evaluate(eval_step, state, batches: Iterator[dict]) -> tuple[float, float]:
     for k in totals:
       totals[k] += float(sums[k])
   return totals["loss_sum"] / totals["count"], totals["correct"] / totals["count"]
-
-
-class TrainingStopped(RuntimeError):
-  """Training cannot go on (non-finite gradients); the last good state is checkpointed."""
-
-
-class CheckpointError(RuntimeError):
-  """No checkpoint in the workdir can be read."""
-
-
-def restore_latest(checkpoints: ocp.CheckpointManager, state: aace_jax.TrainState) -> aace_jax.TrainState:
-  """The newest readable checkpoint; a damaged one is skipped with a warning."""
-  steps = sorted(checkpoints.all_steps(), reverse=True)
-  if not steps:
-    return state
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state_to_checkpoint(state))
-  failures = []
-  for step in steps:
-    try:
-      restored = checkpoints.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as error:  # orbax raises many types for damaged files
-      failures.append(f"step {step}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
-      logging.warning("checkpoint at step %d is unreadable (%s); falling back to the previous one", step, failures[-1])
-      continue
-    if int(restored["step"]) != step:
-      failures.append(f"step {step}: it holds step {int(restored['step'])}")
-      logging.warning("checkpoint at step %d is inconsistent; falling back to the previous one", step)
-      continue
-    if failures:
-      # Deleted so that the resumed run can write those steps again.
-      for damaged in (s for s in steps if s > step):
-        checkpoints.delete(damaged)
-      warnings.warn(
-          f"resumed from the checkpoint at step {step}: newer ones were unreadable and are deleted"
-          f" ({'; '.join(failures)})"
-      )
-    return state_from_checkpoint(restored)
-  raise CheckpointError(
-      f"no readable checkpoint in {checkpoints.directory} ({'; '.join(failures)}); rerun with"
-      " --config.overwrite=True to start over, or use a new --workdir."
-  )
 
 
 class StopSignals:
@@ -374,15 +250,6 @@ class StopSignals:
     return bool(np.any(multihost_utils.process_allgather(np.array(self.received is not None))))
 
 
-def clear_run(workdir: str) -> None:
-  """Removes a previous run's outputs (for --config.overwrite=True)."""
-  for name in ("config.json", "metrics.csv"):
-    if os.path.exists(os.path.join(workdir, name)):
-      os.remove(os.path.join(workdir, name))
-  for name in ("checkpoints", "tensorboard", "plots"):
-    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-
-
 def prefetch_to_device(batches: Iterator[dict], transfer: Callable, size: int = 2) -> Iterator[dict]:
   """Transfers batches `size` steps ahead of the one being consumed.
 
@@ -395,6 +262,51 @@ def prefetch_to_device(batches: Iterator[dict], transfer: Callable, size: int = 
     if len(queue) > size:
       yield queue.popleft()
   yield from queue
+
+
+def decoded_cache_dir(config) -> Optional[str]:
+  if not config.cache_decoded or config.dataset == "digits":
+    return None
+  return config.decoded_cache_dir or os.path.join(input_pipeline.resolve_data_dir(config.data_dir), "decoded")
+
+
+class TrainingStopped(RuntimeError):
+  """Training cannot go on (non-finite steps); the last good state is checkpointed."""
+
+
+# The step metrics that an epoch's row averages over its applied steps.
+SUMMED_METRICS = ("ce_loss", "perturbation_loss", "perturbation_grad_norm", "perturbation_norm", "loss", "accuracy")
+
+
+def zero_totals() -> dict:
+  """An epoch's running totals: sums over its applied steps, step counts, the last learning rate,
+  and the number of consecutive skipped steps (which runs on across epochs)."""
+  return {
+      "sums": {name: np.float32(0) for name in SUMMED_METRICS},
+      "applied": np.int32(0),
+      "skipped": np.int32(0),
+      "learning_rate": np.float32(np.nan),
+      "skip_streak": np.int32(0),
+  }
+
+
+def add_step(totals: dict, metrics: dict) -> dict:
+  """The totals after one more step; runs inside the jitted step."""
+  applied = metrics["skipped_steps"] == 0
+  return {
+      "sums": {name: totals["sums"][name] + jnp.where(applied, metrics[name], 0.0) for name in SUMMED_METRICS},
+      "applied": totals["applied"] + applied.astype(jnp.int32),
+      "skipped": totals["skipped"] + (~applied).astype(jnp.int32),
+      "learning_rate": metrics["learning_rate"],
+      "skip_streak": jnp.where(applied, 0, totals["skip_streak"] + 1),
+  }
+
+
+@jax.jit
+def reset_epoch_totals(totals: dict) -> dict:
+  """Zero totals for a new epoch, keeping the skip streak."""
+  zeros = jax.tree.map(jnp.zeros_like, totals)
+  return {**zeros, "learning_rate": totals["learning_rate"] * jnp.nan, "skip_streak": totals["skip_streak"]}
 
 
 class DeviceSplit(NamedTuple):
@@ -411,13 +323,14 @@ def make_device_steps(train_step, eval_step, data: input_pipeline.Data, *, seed:
   Each example's augmentation is drawn from (seed, epoch, its position in the
   epoch), all read from the step counter, so the draws do not depend on how
   the batch is split over hosts and devices, and a resumed run repeats them.
+  The training steps also add their metrics to the epoch's totals.
 
   Returns:
     ``(host_fed_step, resident_step, eval_step)``: ``host_fed_step(state,
-    {"image", "label"})`` takes a global batch of stored images;
-    ``resident_step(state, DeviceSplit)`` gathers the step's batch from a split
-    held on the devices; ``eval_step(state, {"image", "label", "mask"})``
-    normalizes and evaluates.
+    totals, {"image", "label"}) -> (state, totals, metrics)`` takes a global
+    batch of stored images; ``resident_step(state, totals, DeviceSplit)``
+    gathers the step's batch from a split held on the devices;
+    ``eval_step(state, {"image", "label", "mask"})`` normalizes and evaluates.
   """
   steps_per_epoch, global_batch, spec = data.steps_per_epoch, data.global_batch, data.spec
 
@@ -425,25 +338,27 @@ def make_device_steps(train_step, eval_step, data: input_pipeline.Data, *, seed:
     epoch, index = jnp.divmod(step, steps_per_epoch)
     return epoch, index * global_batch + jnp.arange(global_batch)
 
-  def augmented_step(state, images, labels):
+  def augmented_step(state, totals, images, labels):
     epoch, positions = epoch_and_positions(state.step)
     images = augment.augment_batch(
         images, seed=seed, epoch=epoch, positions=positions, kind=spec.augment, mean=data.mean, std=data.std
     )
     batch = {"image": jax.lax.with_sharding_constraint(images, batch_sharding), "label": labels}
-    return train_step(state, batch)
+    state, metrics = train_step(state, batch)
+    return state, add_step(totals, metrics), metrics
 
-  def resident_step(state, split: DeviceSplit):
+  def resident_step(state, totals, split: DeviceSplit):
     _, positions = epoch_and_positions(state.step)
     rows = jax.lax.with_sharding_constraint(split.order[positions], batch_sharding)
-    return augmented_step(state, split.images[rows], split.labels[rows])
+    return augmented_step(state, totals, split.images[rows], split.labels[rows])
 
   def normalized_eval_step(state, batch):
     return eval_step(state, {**batch, "image": augment.normalize(batch["image"], data.mean, data.std)})
 
   return (
-      jax.jit(lambda state, batch: augmented_step(state, batch["image"], batch["label"]), donate_argnums=0),
-      jax.jit(resident_step, donate_argnums=0),
+      jax.jit(lambda state, totals, batch: augmented_step(state, totals, batch["image"], batch["label"]),
+              donate_argnums=(0, 1)),
+      jax.jit(resident_step, donate_argnums=(0, 1)),
       jax.jit(normalized_eval_step),
   )
 
@@ -452,23 +367,19 @@ class Experiment(NamedTuple):
   """What a run needs, built from the config before anything is written.
 
   Attributes:
-    train_step: ``(state, batch) -> (state, metrics)``, compiled.
+    state, totals: the initial train state and epoch totals, on the devices.
+    train_step: ``(state, totals, batch) -> (state, totals, metrics)``, compiled.
     train_batches: ``(epoch, start_step) ->`` the batches to give `train_step`, on the devices.
     eval_step, eval_batches: likewise for evaluation (``eval_batches()``).
   """
 
   data: input_pipeline.Data
   state: aace_jax.TrainState
+  totals: dict
   train_step: Callable
   train_batches: Callable[[int, int], Iterator]
   eval_step: Callable
   eval_batches: Callable[[], Iterator]
-
-
-def decoded_cache_dir(config) -> Optional[str]:
-  if not config.cache_decoded or config.dataset == "digits":
-    return None
-  return config.decoded_cache_dir or os.path.join(input_pipeline.resolve_data_dir(config.data_dir), "decoded")
 
 
 def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pipeline.Data] = None) -> Experiment:
@@ -533,6 +444,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
   return Experiment(
       data=data,
       state=aace_jax.replicate_on_mesh(state, mesh),
+      totals=aace_jax.replicate_on_mesh(zero_totals(), mesh),
       train_step=train_step,
       train_batches=train_batches,
       eval_step=eval_step,
@@ -540,125 +452,117 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
   )
 
 
-def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str, *, data: Optional[input_pipeline.Data] = None
-) -> dict[str, Any]:
-  """Trains `config.model` on `config.dataset` with `config.optimizer` and evaluates each epoch.
-
-  Resumes from the newest readable checkpoint in `workdir/checkpoints`. Stops
-  early, resumably, after `config.halt_after_epochs` epochs or on SIGTERM/SIGINT
-  (after the current step, with a checkpoint).
-
-  Args:
-    config: the run's config (see `train/configs/default.py`).
-    workdir: where outputs and checkpoints go.
-    data: already opened data to train on instead of `config.dataset` (benchmarks).
-
-  Returns:
-    The last finished epoch's CSV row plus `workdir`, `finished` and `stopped_by`.
-  """
-  invocation_start = time.time()
-  check_config(config)
-  if not config.overwrite:
-    check_resumable(config, workdir)
-  is_writer = jax.process_index() == 0
-  experiment = create_experiment(config, data)
-  data, state, train_step = experiment.data, experiment.state, experiment.train_step
-  steps_per_epoch = data.steps_per_epoch
-
-  # Everything that can be wrong with the inputs is known by now: write.
-  os.makedirs(workdir, exist_ok=True)
-  if is_writer:
-    if config.overwrite:
-      clear_run(workdir)
-    write_config(config, workdir)
-  files = RunFiles(workdir, enabled=is_writer)
-  checkpoints = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint_max_to_keep, create=True),
+def first_step_message(seconds: float) -> str:
+  cache = compilation_cache_events
+  return (
+      f"first step after {seconds:.1f} s (start, data, init, compile and the step; compilation cache:"
+      f" {cache['cache_hits']} hits, {cache['cache_misses']} misses)"
   )
 
-  def save(state):
-    """Starts writing a checkpoint; the loop goes on while orbax writes it in the background."""
-    step = int(jax.device_get(state.step))
-    if step not in checkpoints.all_steps():
-      checkpoints.save(step, args=ocp.args.StandardSave(state_to_checkpoint(state)))
 
-  state = restore_latest(checkpoints, state)
-  start_step = int(jax.device_get(state.step))
-  start_epoch = start_step // steps_per_epoch
-  rows = files.keep_epochs_before(start_epoch)
-  wall_offset = rows[-1]["wall_time"] if rows else 0.0
-  run_start = time.time()
-  last_row = rows[-1] if rows else None
-  stopped_by = None
-  skip_streak = 0
-  first_step_seconds = None
+def finish_epoch(epoch, totals, steps_run, seconds, state, experiment, config, *, wall_time) -> dict:
+  """The epoch's CSV row: means over its applied steps, the last learning rate (as the authors log
+  it), evaluation and throughput; `wall_time()` is read after evaluation."""
+  totals = jax.device_get(totals)
+  applied = int(totals["applied"])
+  mean = {name: float(value) / applied if applied else float("nan") for name, value in totals["sums"].items()}
+  val_loss, val_acc = evaluate(experiment.eval_step, state, experiment.eval_batches())
+  return {
+      "epoch": epoch,
+      "lr": float(totals["learning_rate"]),
+      "avg_ce_loss": mean["ce_loss"],
+      "avg_aace_loss": mean["perturbation_loss"],
+      "avg_grad_norm": mean["perturbation_grad_norm"],
+      "avg_perturbation": mean["perturbation_norm"],
+      "train_loss": mean["loss"],
+      "train_acc": mean["accuracy"],
+      "val_loss": val_loss,
+      "val_acc": val_acc,
+      "skipped_steps": float(totals["skipped"]),
+      "images_per_sec": steps_run * config.batch_size / seconds,
+      "wall_time": wall_time(),
+  }
 
+
+def _train(config, workdir, experiment: Experiment, signals, is_writer: bool, invocation_start: float) -> dict:
+  """The loop of `train_and_evaluate` (below), in a workdir it holds."""
   from tqdm.auto import tqdm
 
-  halt_at = None if config.halt_after_epochs is None else start_epoch + config.halt_after_epochs
+  data, train_step = experiment.data, experiment.train_step
+  steps_per_epoch = data.steps_per_epoch
+  files = workdir_files.RunFiles(workdir, enabled=is_writer)
+  checkpoints = checkpointing.Checkpoints(
+      os.path.abspath(os.path.join(workdir, "checkpoints")), config.checkpoint_max_to_keep
+  )
   try:
-    with StopSignals() as signals:
-      for epoch in range(start_epoch, config.num_epochs):
-        if halt_at is not None and epoch >= halt_at:
-          stopped_by = "halt_after_epochs"
+    state, totals, history = checkpoints.restore_latest(
+        experiment.state, experiment.totals, checkpointing.empty_history(config.num_epochs)
+    )
+    rows = checkpointing.history_rows(history, files.read())
+    files.restore(rows)
+    start_step = int(jax.device_get(state.step))
+    start_epoch = start_step // steps_per_epoch
+    wall_offset = max((row["wall_time"] for row in rows if np.isfinite(row["wall_time"])), default=0.0)
+    run_start = time.time()
+    last_row = rows[-1] if rows else None
+    stopped_by, first_step_seconds = None, None
+    halt_at = None if config.halt_after_epochs is None else start_epoch + config.halt_after_epochs
+    for epoch in range(start_epoch, config.num_epochs):
+      if halt_at is not None and epoch >= halt_at:
+        stopped_by = "halt_after_epochs"
+        break
+      first = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
+      if first == 0:  # else the checkpoint's totals hold the epoch's first steps
+        totals = reset_epoch_totals(totals)
+      bar = tqdm(
+          total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.num_epochs}",
+          disable=not is_writer, leave=False, dynamic_ncols=True,
+      )
+      epoch_start, steps_run = time.time(), 0
+      for index, batch in enumerate(experiment.train_batches(epoch, first), start=first):
+        state, totals, metrics = train_step(state, totals, batch)
+        steps_run += 1
+        bar.update(1)
+        if first_step_seconds is None:
+          jax.block_until_ready(metrics)
+          first_step_seconds = time.time() - invocation_start
+          if is_writer:
+            tqdm.write(first_step_message(first_step_seconds))
+        at_log_point = (index + 1) % config.log_every_steps == 0 or index + 1 == steps_per_epoch
+        if at_log_point:
+          latest = jax.device_get({**metrics, "skip_streak": totals["skip_streak"]})
+          bar.set_postfix(loss=f"{latest['loss']:.3f}", acc=f"{latest['accuracy']:.3f}",
+                          lr=f"{latest['learning_rate']:.4g}")
+          if latest["skip_streak"] >= config.max_consecutive_skips:
+            checkpoints.save(state, totals, history)  # skipped steps left the state as it was: the last good one
+            raise TrainingStopped(
+                f"stopped: the last {int(latest['skip_streak'])} steps were not finite and were skipped (step"
+                f" {int(jax.device_get(state.step))}); the last good state is checkpointed in {workdir}."
+            )
+        # Several hosts must stop at the same step, so they compare signals at log points only.
+        if (jax.process_count() == 1 or at_log_point) and signals.any_host_received():
+          stopped_by = signals.received or "signal on another host"
           break
-        first = start_step - epoch * steps_per_epoch if epoch == start_epoch else 0
-        bar = tqdm(
-            total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.num_epochs}",
-            disable=not is_writer, leave=False, dynamic_ncols=True,
+      bar.close()
+      if stopped_by is not None:
+        checkpoints.save(state, totals, history)
+        break
+      last_row = finish_epoch(
+          epoch, totals, steps_run, time.time() - epoch_start, state, experiment, config,
+          wall_time=lambda: wall_offset + time.time() - run_start,
+      )
+      # The row is part of the checkpoint: a kill before the CSV write loses nothing.
+      history = checkpointing.with_row(history, last_row)
+      checkpoints.save(state, totals, history)
+      files.append(last_row)
+      if is_writer:
+        tqdm.write(
+            f"epoch {epoch + 1}/{config.num_epochs}: train loss {last_row['train_loss']:.4f}"
+            f" acc {last_row['train_acc']:.4f} | val loss {last_row['val_loss']:.4f} acc {last_row['val_acc']:.4f}"
+            f" | lr {last_row['lr']:.4g} | {last_row['images_per_sec']:.0f} img/s"
         )
-        epoch_start = time.time()
-        step_metrics, checked = [], 0
-        for index, batch in enumerate(experiment.train_batches(epoch, first), start=first):
-          state, metrics = train_step(state, batch)
-          step_metrics.append(metrics)
-          if first_step_seconds is None:
-            jax.block_until_ready(metrics)
-            first_step_seconds = time.time() - invocation_start
-            if is_writer:
-              cache = dict(compilation_cache_events)
-              tqdm.write(
-                  f"first step after {first_step_seconds:.1f} s (start, data, init, compile and the step;"
-                  f" compilation cache: {cache.get('cache_hits', 0)} hits, {cache.get('cache_misses', 0)} misses)"
-              )
-          bar.update(1)
-          at_log_point = (index + 1) % config.log_every_steps == 0 or index + 1 == steps_per_epoch
-          if at_log_point:
-            latest = jax.device_get(metrics)
-            bar.set_postfix(loss=f"{latest['loss']:.3f}", acc=f"{latest['accuracy']:.3f}", lr=f"{latest['learning_rate']:.4g}")
-            for skipped in jax.device_get([m["skipped_steps"] for m in step_metrics[checked:]]):
-              skip_streak = skip_streak + 1 if skipped else 0
-            checked = len(step_metrics)
-            if skip_streak >= config.max_consecutive_skips:
-              save(state)  # skipped steps leave the state as it was: this is the last good one
-              raise TrainingStopped(
-                  f"stopped: the last {skip_streak} steps had non-finite gradients and were skipped (step"
-                  f" {int(jax.device_get(state.step))}); the last good state is checkpointed in {workdir}."
-              )
-          # Several hosts must stop at the same step, so they compare signals at log points only.
-          if (jax.process_count() == 1 or at_log_point) and signals.any_host_received():
-            stopped_by = signals.received or "signal on another host"
-            break
-        bar.close()
-        if stopped_by is not None:
-          save(state)
-          break
-        last_row = finish_epoch(
-            epoch, step_metrics, time.time() - epoch_start, state, experiment, config,
-            wall_time=lambda: wall_offset + time.time() - run_start,
-        )
-        save(state)
-        files.append(last_row)
-        if is_writer:
-          tqdm.write(
-              f"epoch {epoch + 1}/{config.num_epochs}: train loss {last_row['train_loss']:.4f}"
-              f" acc {last_row['train_acc']:.4f} | val loss {last_row['val_loss']:.4f} acc {last_row['val_acc']:.4f}"
-              f" | lr {last_row['lr']:.4g} | {last_row['images_per_sec']:.0f} img/s"
-          )
   finally:
-    checkpoints.wait_until_finished()  # a stop or an error still leaves the last checkpoint whole
+    checkpoints.wait()  # a stop or an error still leaves the last checkpoint whole
     checkpoints.close()
     files.close()
   finished = stopped_by is None and last_row is not None and last_row["epoch"] == config.num_epochs - 1
@@ -672,22 +576,42 @@ def train_and_evaluate(
   }
 
 
-def finish_epoch(epoch, step_metrics, seconds, state, experiment, config, *, wall_time) -> dict:
-  """The epoch's CSV row: training means, evaluation, throughput; `wall_time()` read after evaluation."""
-  summary = epoch_summary(step_metrics)
-  val_loss, val_acc = evaluate(experiment.eval_step, state, experiment.eval_batches())
-  return {
-      "epoch": epoch,
-      "lr": summary["learning_rate"],
-      "avg_ce_loss": summary["ce_loss"],
-      "avg_aace_loss": summary["perturbation_loss"],
-      "avg_grad_norm": summary["perturbation_grad_norm"],
-      "avg_perturbation": summary["perturbation_norm"],
-      "train_loss": summary["loss"],
-      "train_acc": summary["accuracy"],
-      "val_loss": val_loss,
-      "val_acc": val_acc,
-      "skipped_steps": summary["skipped_steps"],
-      "images_per_sec": len(step_metrics) * config.batch_size / seconds,
-      "wall_time": wall_time(),
-  }
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, data: Optional[input_pipeline.Data] = None
+) -> dict[str, Any]:
+  """Trains `config.model` on `config.dataset` with `config.optimizer` and evaluates each epoch.
+
+  Resumes from the newest usable checkpoint in `workdir/checkpoints`, and
+  rebuilds metrics.csv from it. Stops early, resumably, after
+  `config.halt_after_epochs` epochs or on SIGTERM/SIGINT (after the current
+  step, with a checkpoint). One run at a time holds the workdir.
+
+  Args:
+    config: the run's config (see `train/configs/default.py`).
+    workdir: where outputs and checkpoints go.
+    data: already opened data to train on instead of `config.dataset` (benchmarks).
+
+  Returns:
+    The last finished epoch's CSV row plus `workdir`, `finished`, `stopped_by`,
+    `step` and `first_step_seconds`.
+  """
+  invocation_start = time.time()
+  check_config(config)
+  if not config.overwrite:
+    check_resumable(config, workdir)
+  is_writer = jax.process_index() == 0
+  with StopSignals() as signals:  # a signal during start-up stops the run after its first step
+    experiment = create_experiment(config, data)
+    # Everything that can be wrong with the inputs is known by now: write.
+    os.makedirs(workdir, exist_ok=True)
+    lock = workdir_files.WorkdirLock(workdir)
+    if is_writer:
+      lock.acquire()
+    try:
+      if is_writer:
+        if config.overwrite:
+          workdir_files.clear_run(workdir)
+        workdir_files.write_config(config, workdir)
+      return _train(config, workdir, experiment, signals, is_writer, invocation_start)
+    finally:
+      lock.release()

@@ -1,0 +1,155 @@
+"""Checkpoints: the train state, the epoch's running totals and every finished epoch's row.
+
+One orbax checkpoint holds all a resumed run needs to continue as if never
+stopped: the `TrainState`, the running sums of the epoch in progress (so a
+row finished after a mid-epoch resume equals the uninterrupted one) and the
+rows of the finished epochs, in float64 (so the CSV is rebuilt exactly from
+the newest checkpoint, whatever was lost after it). The rows leave out the
+timing columns, so that an interrupted run's checkpoints equal an
+uninterrupted run's bit for bit; a rebuilt row takes its timing from the CSV
+where it is still there. Checkpoints are written
+asynchronously; only a finite state is ever saved, and a restored one that is
+not finite, unreadable or inconsistent is skipped for the previous one.
+"""
+
+import warnings
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+import aace_jax
+from train.workdir import CSV_COLUMNS
+
+# The CSV columns that a checkpoint holds: all but the timing, which differs between runs.
+TIMING_COLUMNS = ("images_per_sec", "wall_time")
+HISTORY_COLUMNS = tuple(column for column in CSV_COLUMNS if column not in TIMING_COLUMNS)
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint in the workdir can be read, or one could not be written."""
+
+
+def empty_history(num_epochs: int) -> np.ndarray:
+  """One row per epoch, NaN until the epoch is finished."""
+  return np.full((num_epochs, len(HISTORY_COLUMNS)), np.nan)
+
+
+def history_rows(history: np.ndarray, csv_rows: list[dict]) -> list[dict]:
+  """The finished epochs' CSV rows: the checkpoint's values, with the timing of `csv_rows` (NaN where lost)."""
+  timing = {int(row["epoch"]): row for row in csv_rows}
+  rows = []
+  for values in np.asarray(history):
+    if np.isnan(values[0]):
+      continue
+    row = {column: float(value) for column, value in zip(HISTORY_COLUMNS, values)}
+    row["epoch"] = int(row["epoch"])
+    rows.append({**row, **{c: float(timing.get(row["epoch"], {}).get(c, np.nan)) for c in TIMING_COLUMNS}})
+  return rows
+
+
+def with_row(history: np.ndarray, row: dict) -> np.ndarray:
+  history = np.array(history, copy=True)
+  history[int(row["epoch"])] = [row[column] for column in HISTORY_COLUMNS]
+  return history
+
+
+def is_finite(tree) -> bool:
+  """True when every floating-point array of `tree` is finite (checked on the host)."""
+  return all(
+      bool(np.all(np.isfinite(np.asarray(x))))
+      for x in jax.tree.leaves(tree)
+      if np.issubdtype(np.asarray(x).dtype, np.inexact)
+  )
+
+
+def _to_tree(state: aace_jax.TrainState, totals: dict, history: np.ndarray) -> dict:
+  return {**state._replace(rng=jax.random.key_data(state.rng))._asdict(), "epoch_totals": totals, "history": history}
+
+
+def _from_tree(tree: dict):
+  fields = {name: tree[name] for name in aace_jax.TrainState._fields}
+  state = aace_jax.TrainState(**{**fields, "rng": jax.random.wrap_key_data(fields["rng"])})
+  return state, tree["epoch_totals"], np.asarray(tree["history"])
+
+
+class Checkpoints:
+  """The workdir's checkpoints, written in the background."""
+
+  def __init__(self, directory: str, max_to_keep: int):
+    self.manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    )
+    self.directory = directory
+    self.last_saved = max(self.manager.all_steps(), default=None)
+
+  def save(self, state: aace_jax.TrainState, totals: dict, history: np.ndarray) -> None:
+    """Starts writing a checkpoint of a finite state; the loop goes on while it is written."""
+    step = int(jax.device_get(state.step))
+    if step in self.manager.all_steps():
+      return
+    try:
+      self.manager.save(step, args=ocp.args.StandardSave(_to_tree(state, totals, history)))
+    except Exception as error:  # orbax raises many types for a failed write (a full disk, say)
+      raise self._write_error(step, error) from error
+    self.last_saved = step
+
+  def wait(self) -> None:
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:
+      raise self._write_error(self.last_saved, error) from error
+
+  def _write_error(self, step, error) -> CheckpointError:
+    saved = sorted(self.manager.all_steps())
+    last = f"the last checkpoint written whole is step {saved[-1]}" if saved else "no checkpoint was written whole"
+    cause = str(error).splitlines()[0] if str(error) else ""
+    return CheckpointError(f"writing the checkpoint of step {step} in {self.directory} failed"
+                           f" ({type(error).__name__}: {cause}); {last}.")
+
+  def close(self) -> None:
+    self.manager.close()
+
+  def restore_latest(self, state: aace_jax.TrainState, totals: dict, history: np.ndarray):
+    """The newest readable, consistent and finite checkpoint; `(state, totals, history)` as given if none exists.
+
+    A damaged checkpoint is skipped with a warning and deleted once an older
+    one is read, so the resumed run can write its step again.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      return state, totals, history
+
+    def abstract(x):
+      if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+      return x
+
+    target = jax.tree.map(abstract, _to_tree(state, totals, history))
+    failures = []
+    for step in steps:
+      try:
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
+      except Exception as error:  # orbax raises many types for damaged files
+        failures.append(f"step {step}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+      else:
+        if int(restored["step"]) != step:
+          failures.append(f"step {step}: it holds step {int(restored['step'])}")
+        elif not is_finite({k: v for k, v in restored.items() if k != "history"}):
+          failures.append(f"step {step}: it holds NaN or infinite values")
+        else:
+          if failures:
+            for damaged in (s for s in steps if s > step):
+              self.manager.delete(damaged)
+            warnings.warn(
+                f"resumed from the checkpoint at step {step}: newer ones were unreadable and are deleted"
+                f" ({'; '.join(failures)})"
+            )
+          self.last_saved = step
+          return _from_tree(restored)
+      logging.warning("checkpoint at step %d is unusable (%s); falling back to the previous one", step, failures[-1])
+    raise CheckpointError(
+        f"no readable checkpoint in {self.directory} ({'; '.join(failures)}); rerun with"
+        " --config.overwrite=True to start over, or use a new --workdir."
+    )
