@@ -2,6 +2,7 @@
 
 from aace_jax._losses import AACE_MODES
 from aace_jax._losses import aace_cross_entropy
+from aace_jax._losses import aace_kl_divergence
 from aace_jax._losses import aace_targets
 from aace_jax._losses import check_labels
 from aace_jax._losses import cross_entropy
@@ -27,6 +28,7 @@ __all__ = (
     "SAMState",
     "TrainState",
     "aace_cross_entropy",
+    "aace_kl_divergence",
     "aace_sam",
     "aace_targets",
     "check_labels",

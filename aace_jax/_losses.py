@@ -228,6 +228,69 @@ def aace_cross_entropy(
   return _soft_cross_entropy(logits.astype(dtype), targets).astype(logits.dtype)
 
 
+def aace_kl_divergence(
+    logits,
+    labels,
+    *,
+    threshold: float = 0.0,
+    mode: str = "ada",
+    key: Optional[jax.Array] = None,
+) -> jax.Array:
+  r"""Per-example :math:`\mathrm{KL}(q \| p)`: the AACE value the authors compute and log.
+
+  With the adversarial targets :math:`q` of :func:`aace_targets` (same
+  arguments, same numerics) and :math:`p = \mathrm{softmax}(z)`:
+
+  .. math::
+    \mathrm{KL}(q \| p) = \sum_i q_i (\log q_i - \log p_i)
+    = \ell_{\mathrm{AACE}} - H(q),
+
+  with :math:`0 \log 0 = 0`. It differs from :func:`aace_cross_entropy` by the
+  entropy of :math:`q`, which is constant under the stopped gradient: both
+  losses have the same gradient, and the perturbation does not depend on
+  which one is used. For ``threshold=0`` and ``"ada"`` it is
+  :math:`-\log(1 - p_y)`, computed as a log-sum-exp over the other classes
+  so that it stays finite when :math:`1 - p_y` underflows.
+
+  Args:
+    logits: unnormalized scores, shape ``[..., C]``, floating point, ``C >= 2``.
+    labels: integer class indices, shape ``[...]``. A label outside
+      ``[0, C)`` gives NaN (see :func:`check_labels`).
+    threshold: :math:`\theta` in ``[0, 1]``, see :func:`aace_targets`.
+    mode: ``"ada"`` (default), ``"const"`` or ``"rand"``.
+    key: a PRNG key, required by ``"rand"``.
+
+  Returns:
+    The divergence of each example, shape ``logits.shape[:-1]``, dtype of ``logits``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from aace_jax import aace_kl_divergence
+    >>> logits = jnp.log(jnp.array([[0.5, 0.3, 0.2]]))
+    >>> print(aace_kl_divergence(logits, jnp.array([0])).round(4))  # -log(1 - 0.5)
+    [0.6931]
+
+  References:
+    Ratchatorn and Tanaka, `Adaptive Adversarial Cross-Entropy Loss for
+    Sharpness-Aware Minimization <https://arxiv.org/abs/2406.14329>`_,
+    ICIP 2024.
+  """
+  logits, labels = _check_logits_and_labels("aace_kl_divergence", logits, labels)
+  targets = _adversarial_targets("aace_kl_divergence", logits, labels, threshold, mode, key)
+  dtype = _compute_dtype(logits.dtype)
+  logits = logits.astype(dtype)
+  if mode == "ada":
+    # log q_j = z_j - logsumexp_{k != y} z_k exactly, where q_j itself may underflow.
+    one_hot = _one_hot_or_nan(labels, logits.shape[-1], dtype)
+    log_targets = jax.nn.log_softmax(jnp.where(one_hot == 1, -jnp.inf, logits), axis=-1)
+    log_targets = jnp.where(one_hot == 1, jnp.log(targets), log_targets)
+  else:
+    log_targets = jnp.log(targets)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  terms = jnp.where(targets == 0, 0, targets * (jax.lax.stop_gradient(log_targets) - log_probs))
+  return jnp.sum(terms, axis=-1).astype(logits.dtype)
+
+
 def check_labels(labels, num_classes: int) -> None:
   """Checks on the host that every label is a class index in `[0, num_classes)`.
 

@@ -162,6 +162,7 @@ def make_train_step(
     sync_perturbation: bool = True,
     grad_accum_steps: int = 1,
     skip_nonfinite: bool = True,
+    extra_metrics: Optional[dict[str, PerExampleLoss]] = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   r"""Builds a pure training step for SGD, SAM or AACE-SAM.
 
@@ -222,6 +223,10 @@ def make_train_step(
     sync_perturbation: average the first-pass gradient over ``axis_name``.
     grad_accum_steps: micro-batches per step, dividing the per-device batch.
     skip_nonfinite: skip updates whose gradients or results are not finite.
+    extra_metrics: per-example functions ``fn(logits, labels)`` reported as
+      batch means under their names, computed from the first pass's logits
+      (no extra pass, not differentiated); for example
+      ``{"aace_kl": aace_kl_divergence}``, the value the authors log.
 
   Returns:
     ``step(state, batch) -> (state, metrics)`` with ``batch = {"image",
@@ -229,8 +234,9 @@ def make_train_step(
     the first pass, for observation), ``perturbation_loss``, ``loss`` (at
     :math:`w_{adv}`), ``accuracy`` (first pass), ``perturbation_grad_norm``,
     ``perturbation_norm``, ``grad_norm`` (of the gradient given to the
-    optimizer), ``skipped_steps`` (1 when the update was skipped) and
-    ``learning_rate`` when ``tx`` injects one.
+    optimizer), ``skipped_steps`` (1 when the update was skipped),
+    ``learning_rate`` when ``tx`` injects one, and one entry per
+    ``extra_metrics`` name.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -258,6 +264,11 @@ def make_train_step(
     raise ValueError(f"make_train_step: grad_accum_steps must be a positive int, got {grad_accum_steps!r}.")
   if axis_name is not None and not isinstance(axis_name, str):
     raise TypeError(f"make_train_step: axis_name must be a str or None, got {axis_name!r}.")
+  extra_metrics = dict(extra_metrics or {})
+  reserved = {"ce_loss", "accuracy", "perturbation_loss", "loss", "grad_norm", "perturbation_grad_norm",
+              "perturbation_norm", "skipped_steps", "learning_rate"}
+  if reserved & set(extra_metrics):
+    raise ValueError(f"make_train_step: extra_metrics may not reuse the names {sorted(reserved & set(extra_metrics))}.")
   tx = optax.with_extra_args_support(tx)
   perturbation_takes_key = _accepts_key(perturbation_loss)
 
@@ -299,6 +310,9 @@ def make_train_step(
     ce_loss = loss(logits, labels).mean()
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     metrics = {"ce_loss": ce_loss, "accuracy": accuracy}
+    for name, fn in extra_metrics.items():
+      extra = {"key": loss_rng} if _accepts_key(fn) else {}
+      metrics[name] = jax.lax.stop_gradient(fn(logits, labels, **extra)).mean()
 
     if sharpness_aware:
       if sync_perturbation:

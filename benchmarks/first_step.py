@@ -73,10 +73,10 @@ def one_process(args) -> dict:
 
   experiment = timed("init_seconds", lambda: train.create_experiment(config, data))
   batch = next(iter(experiment.train_batches(0, 0)))
-  traced = timed("trace_seconds", lambda: experiment.train_step.trace(experiment.state, batch))
+  traced = timed("trace_seconds", lambda: experiment.train_step.trace(experiment.state, experiment.totals, batch))
   lowered = timed("lower_seconds", traced.lower)
   compiled = timed("compile_seconds", lowered.compile)
-  timed("step_seconds", lambda: jax.block_until_ready(compiled(experiment.state, batch)))
+  timed("step_seconds", lambda: jax.block_until_ready(compiled(experiment.state, experiment.totals, batch)))
   phases["first_step_seconds"] = time.perf_counter() - start
   return {
       **{k: round(v, 3) for k, v in phases.items()},

@@ -110,15 +110,15 @@ def step_images_per_sec(args, data, repeats: int = 3) -> float:
   from train import train
 
   experiment = train.create_experiment(trainer_config(args), data)
-  state, step = experiment.state, experiment.train_step
+  state, totals, step = experiment.state, experiment.totals, experiment.train_step
   batch = next(iter(experiment.train_batches(0, 0)))
-  state, metrics = step(state, batch)  # compile
+  state, totals, metrics = step(state, totals, batch)  # compile
   jax.block_until_ready((state, metrics))
   rates = []
   for _ in range(repeats):
     start = time.perf_counter()
     for _ in range(data.steps_per_epoch):
-      state, metrics = step(state, batch)
+      state, totals, metrics = step(state, totals, batch)
     jax.block_until_ready((state, metrics))
     rates.append(data.steps_per_epoch * args.batch / (time.perf_counter() - start))
   return statistics.median(rates)

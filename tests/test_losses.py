@@ -226,3 +226,37 @@ def test_check_labels():
     aace_jax.check_labels(np.array([0.0, 1.0]), 3)
   with pytest.raises(ValueError, match="at least 2"):
     aace_jax.check_labels(np.array([0]), 1)
+
+
+def authors_kl(z, q):
+  """torch's F.kl_div(log_softmax(z), q, reduction='none').sum(-1), as the authors log it: xlogy(q, q) - q log p."""
+  logp = z - z.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  with np.errstate(divide="ignore", invalid="ignore"):
+    q_log_q = np.where(q > 0, q * np.log(q), 0.0)
+  return (q_log_q - q * logp).sum(-1)
+
+
+@pytest.mark.parametrize("mode", ["ada", "const"])
+@pytest.mark.parametrize("threshold", [0.0, 0.1, 0.5, 1.0])
+def test_kl_divergence_matches_the_authors_logged_value(mode, threshold):
+  with jax.enable_x64(True):
+    kl = np.asarray(aace_jax.aace_kl_divergence(LOGITS, LABELS, threshold=threshold, mode=mode))
+    ce = np.asarray(aace_jax.aace_cross_entropy(LOGITS, LABELS, threshold=threshold, mode=mode))
+    grads = [np.asarray(jax.grad(lambda z, f=f: f(z, LABELS, threshold=threshold, mode=mode).sum())(LOGITS))
+             for f in (aace_jax.aace_kl_divergence, aace_jax.aace_cross_entropy)]
+  expected = authors_kl(LOGITS, authors_targets(LOGITS, LABELS, threshold, mode))
+  np.testing.assert_allclose(kl, expected, rtol=1e-12, atol=1e-14)
+  assert np.all(ce - kl > 0)  # the entropy of q: what CE(q, p) adds to the logged value
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-12, atol=1e-15)  # the same perturbation
+
+
+def test_kl_divergence_is_minus_log_one_minus_p_y_and_finite_when_confident():
+  p_y = softmax(LOGITS)[np.arange(6), LABELS]
+  with jax.enable_x64(True):
+    np.testing.assert_allclose(aace_jax.aace_kl_divergence(LOGITS, LABELS), -np.log1p(-p_y), rtol=1e-12)
+  confident = jnp.array([[30.0, 0.0, -2.0, 1.0]], jnp.bfloat16)  # 1 - p_y underflows to 0 in float32
+  value = float(aace_jax.aace_kl_divergence(confident, jnp.array([0]))[0])
+  z = np.array([30.0, 0.0, -2.0, 1.0])
+  expected = 30.0 - np.log(np.exp(z[1:]).sum())  # -log(1 - p_y) = z_y - logsumexp(z_others) + log(1 + ...)
+  assert np.isfinite(value) and abs(value - expected) < 0.1

@@ -56,6 +56,12 @@ def test_shell_command(line):
     words = shlex.split(command)
     if command.startswith(("python train/main.py", "srun python train/main.py", "python train/compare.py")):
       run_dry(command)
+    elif command.startswith("python train/evaluate.py"):
+      # Needs the authors' .pth file: its flags and config are parsed, nothing is read.
+      result = subprocess.run([sys.executable, *words[1:], "--helpshort"], capture_output=True, text=True,
+                              cwd=REPO, timeout=120)
+      assert "--torch_checkpoint" in result.stdout and not result.stderr, result.stderr[-2000:]  # absl's help, no error
+      assert (REPO / words[words.index("--config") + 1]).exists()
     elif command == "python -m pytest":
       assert "\npython -m pytest\n" in CI_SCRIPT
     elif words[:3] == ["pip", "install", "-e"]:

@@ -77,6 +77,8 @@ def test_digits_run_writes_every_output(tmp_path):
   assert all(np.isfinite(float(v)) for row in rows for v in row.values())
   assert float(rows[1]["val_acc"]) == pytest.approx(result["val_acc"])
   assert float(rows[0]["avg_perturbation"]) > 0 and float(rows[0]["avg_grad_norm"]) > 0
+  # avg_aace_loss is KL(q || p) as the authors log it, avg_aace_ce the cross-entropy: larger by H(q) > 0.
+  assert 0 < float(rows[0]["avg_aace_loss"]) < float(rows[0]["avg_aace_ce"])
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["optimizer"] == "aace_sam"
   scalars = read_events(workdir)
@@ -247,3 +249,44 @@ def test_second_process_loads_the_compiled_steps_from_the_cache(tmp_path):
   hits = second.stdout.split("compilation cache: ")[1].split(")")[0]
   assert hits.endswith(" hits, 0 misses") and not hits.startswith("0 hits"), hits
   assert sorted(p.name for p in cache.iterdir()) == entries  # nothing compiled anew
+
+
+@pytest.mark.parametrize("model", ["wrn28_10", "pyramidnet272"])
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "fashion_mnist", "food101"])
+def test_paper_configs_are_the_authors_runs(model, dataset):
+  from train.configs import paper
+
+  runs = {method: paper.get_config(f"{model},{dataset},{method}") for method in ("sgd", "sam", "aace_sam")}
+  for config in runs.values():
+    train.check_config(config, device_count=None)
+    assert config.dataset == dataset and config.learning_rate == 0.1 and config.momentum == 0.9
+    assert config.weight_decay == 5e-4 and tuple(config.lr_milestones) == (0.3, 0.6, 0.8) and config.seed == 42
+  assert runs["sgd"].num_epochs == 400 and runs["sam"].num_epochs == runs["aace_sam"].num_epochs == 200
+  assert (runs["sam"].rho, runs["sam"].normalize) == (0.05, True)
+  assert (runs["aace_sam"].rho, runs["aace_sam"].normalize) == (0.2, False)
+  expected = {"wrn28_10": ("wrn28_10_authors", 256), "pyramidnet272": ("pyramidnet272", 64)}[model]
+  assert all((c.model, c.batch_size) == expected for c in runs.values())
+
+
+def test_compare_plans_the_paper_table_with_the_command_line_overrides():
+  result = subprocess.run(
+      [sys.executable, str(REPO / "train" / "compare.py"), "--paper", "pyramidnet272", "--datasets",
+       "cifar10,food101", "--seeds", "2", "--config.num_epochs=7", "--dry_run"],
+      capture_output=True, text=True, timeout=120, cwd=REPO,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines == [f"would run {m} on {d} (pyramidnet272, 7 epochs) x 2 seeds"
+                   for d in ("cifar10", "food101") for m in ("sgd", "sam", "aace_sam")]
+
+
+def test_compare_runs_the_three_methods(tmp_path):
+  result = subprocess.run(
+      [sys.executable, str(REPO / "train" / "compare.py"), "--seeds", "1", "--workdir", str(tmp_path),
+       "--config.num_epochs=1", "--config.compilation_cache=False"],
+      capture_output=True, text=True, timeout=300, cwd=REPO,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  table = (tmp_path / "compare.md").read_text()
+  assert all(f"| {method} |" in table for method in ("sgd", "sam", "aace_sam"))
+  assert (tmp_path / "compare.png").exists()

@@ -1,7 +1,13 @@
-"""SGD vs SAM vs AACE-SAM over several seeds: a markdown table and one plot.
+"""SGD vs SAM vs AACE-SAM over several seeds: a markdown table and a plot per dataset.
 
   python train/compare.py --seeds 5
   python train/compare.py --seeds 3 --config train/configs/default.py --config.num_epochs=10
+  python train/compare.py --paper wrn28_10 --seeds 3 --config.data_dir=$HOME/tensorflow_datasets
+
+With `--paper MODEL` it runs the paper's table: the authors' runs of
+`train/configs/paper.py` (SGD 400 epochs, SAM rho 0.05 normalized, AACE-SAM
+rho 0.2) on each of `--datasets` (default: the paper's four), with the
+`--config.FIELD` overrides of the command line applied to each.
 
 Each (method, seed) is a full `train_and_evaluate` run in its own workdir
 under `--workdir`; the table (mean +- std of the final test accuracy, and
@@ -25,6 +31,8 @@ from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from train import train  # noqa: E402
+from train import workdir as workdir_files  # noqa: E402
+from train.configs import paper  # noqa: E402
 
 METHODS = ("sgd", "sam", "aace_sam")
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / "configs" / "default.py")
@@ -34,6 +42,25 @@ flags.DEFINE_integer("seeds", 5, "Runs per method, with seeds 0..N-1 added to co
 flags.DEFINE_string("workdir", None, "Where the runs and the report go; default: a new folder under ./runs/.")
 config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The config every run starts from.", lock_config=True)
 flags.DEFINE_bool("dry_run", False, "Check the command and the config, print the plan, and exit.")
+flags.DEFINE_enum("paper", None, sorted(paper.MODELS), "Run the authors' recipe for this model on --datasets.")
+flags.DEFINE_list("datasets", list(paper.DATASETS), "With --paper: the datasets of the table.")
+
+
+def planned_runs(base) -> list[tuple[str, str, object]]:
+  """(dataset, method, config) of every method on every dataset, before seeds."""
+  if FLAGS.paper is None:
+    return [(base.dataset, method, base) for method in METHODS]
+  unknown = sorted(set(FLAGS.datasets) - set(paper.DATASETS))
+  if unknown:
+    raise train.ConfigError(f"Bad config: --datasets {unknown} are not among the paper's {list(paper.DATASETS)}.")
+  overrides = config_flags.get_override_values(FLAGS["config"])
+  runs = []
+  for dataset in FLAGS.datasets:
+    for method in METHODS:
+      config = paper.get_config(f"{FLAGS.paper},{dataset},{method}")
+      config.update_from_flattened_dict(overrides)
+      runs.append((dataset, method, config))
+  return runs
 
 
 def markdown_table(results: dict, config) -> str:
@@ -78,39 +105,43 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  base = FLAGS.config
+  try:
+    runs = planned_runs(FLAGS.config)
+    for _, _, config in runs:
+      train.check_config(config, device_count=None if FLAGS.dry_run else -1)
+  except (train.ConfigError, ValueError) as error:
+    sys.exit(f"error: {error}")
   if FLAGS.dry_run:
-    try:
-      train.check_config(base, device_count=None)
-    except train.ConfigError as error:
-      sys.exit(f"error: {error}")
-    print(f"would run {', '.join(METHODS)} x {FLAGS.seeds} seeds from config:\n{base}")
+    for dataset, method, config in runs:
+      print(f"would run {method} on {dataset} ({config.model}, {config.num_epochs} epochs) x {FLAGS.seeds} seeds")
     return
   workdir = FLAGS.workdir or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
-  results, curves = {}, {}
+  results, curves, configs = {}, {}, {}
   try:
-    for method in METHODS:
+    for dataset, method, base in runs:
       for offset in range(FLAGS.seeds):
         config = base.copy_and_resolve_references()
         config.unlock()
         config.optimizer = method
         config.seed = base.seed + offset
-        run_dir = os.path.join(workdir, f"{method}-seed{config.seed}")
+        run_dir = os.path.join(workdir, dataset if FLAGS.paper else "", f"{method}-seed{config.seed}")
         result = train.train_and_evaluate(config, run_dir)
-        rows = train.RunFiles(run_dir, enabled=False).rows()
+        rows = workdir_files.RunFiles(run_dir, enabled=False).read()
         walls = [row["wall_time"] for row in rows]
         # After the first epoch, which includes compilation.
         result["seconds_per_epoch"] = (walls[-1] - walls[0]) / (len(walls) - 1) if len(walls) > 1 else walls[0]
-        results.setdefault(method, []).append(result)
-        curves.setdefault(method, []).append([row["val_acc"] for row in rows])
-        print(f"{method} seed {config.seed}: test accuracy {result['val_acc']:.4f}", flush=True)
+        results.setdefault(dataset, {}).setdefault(method, []).append(result)
+        curves.setdefault(dataset, {}).setdefault(method, []).append([row["val_acc"] for row in rows])
+        configs[dataset] = config
+        print(f"{method} on {dataset}, seed {config.seed}: test accuracy {result['val_acc']:.4f}", flush=True)
   except (train.ConfigError, ValueError) as error:
     sys.exit(f"error: {error}")
-  table = markdown_table(results, base)
-  pathlib.Path(workdir, "compare.md").write_text(table + "\n")
-  plot(curves, os.path.join(workdir, "compare.png"))
-  print(table)
-  print(f"\nreport: {os.path.abspath(os.path.join(workdir, 'compare.md'))}, plot: compare.png beside it")
+  tables = "\n\n".join(markdown_table(results[dataset], configs[dataset]) for dataset in results)
+  pathlib.Path(workdir, "compare.md").write_text(tables + "\n")
+  for dataset in curves:
+    plot(curves[dataset], os.path.join(workdir, "compare.png" if len(curves) == 1 else f"compare-{dataset}.png"))
+  print(tables)
+  print(f"\nreport: {os.path.abspath(os.path.join(workdir, 'compare.md'))}, plots beside it")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,7 @@ def check_arrays(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, spli
     if not np.issubdtype(images.dtype, np.floating):
       raise RecordError(f"{split} images have dtype {images.dtype}; expected uint8 or float.")
     images = images.astype(np.float32, copy=False)
-    flat = images.reshape(len(images), -1)
+    flat = images.reshape(len(images), int(np.prod(images.shape[1:])))
     finite = np.isfinite(flat).all(axis=1)
     if not finite.all():
       bad = np.flatnonzero(~finite)

@@ -15,7 +15,7 @@ import socket
 import warnings
 
 CSV_COLUMNS = (
-    "epoch", "lr", "avg_ce_loss", "avg_aace_loss", "avg_grad_norm", "avg_perturbation",
+    "epoch", "lr", "avg_ce_loss", "avg_aace_loss", "avg_aace_ce", "avg_grad_norm", "avg_perturbation",
     "train_loss", "train_acc", "val_loss", "val_acc", "skipped_steps", "images_per_sec", "wall_time",
 )
 
@@ -193,7 +193,7 @@ class RunFiles:
 
     epochs = [row["epoch"] + 1 for row in self.rows]
     panels = {
-        "loss": ("loss", ("avg_ce_loss", "avg_aace_loss", "train_loss", "val_loss")),
+        "loss": ("loss", ("avg_ce_loss", "avg_aace_loss", "avg_aace_ce", "train_loss", "val_loss")),
         "perturbation": ("norm", ("avg_grad_norm", "avg_perturbation")),
         "accuracy": ("accuracy", ("train_acc", "val_acc")),
     }

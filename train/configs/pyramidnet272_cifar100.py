@@ -1,16 +1,13 @@
 """PyramidNet-272 (alpha 200, basic blocks) on CIFAR-100 with AACE-SAM: batch 64, 200 epochs.
 
   python train/main.py --config train/configs/pyramidnet272_cifar100.py --config.data_dir=$TFDS_DATA_DIR
-  python train/main.py --config train/configs/pyramidnet272_cifar100.py --config.dataset=cifar10
+  python train/main.py --config train/configs/paper.py:pyramidnet272,cifar10,aace_sam
+
+The same as `train/configs/paper.py:pyramidnet272,cifar100,aace_sam`.
 """
 
-from train.configs import default
+from train.configs import paper
 
 
 def get_config():
-  config = default.get_config()
-  config.dataset = "cifar100"
-  config.model = "pyramidnet272"
-  config.batch_size = 64
-  config.num_epochs = 200
-  return config
+  return paper.get_config("pyramidnet272,cifar100,aace_sam")

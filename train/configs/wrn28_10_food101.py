@@ -1,12 +1,12 @@
-"""WRN-28-10 on Food101 resized to 32x32 with AACE-SAM (pad to square, resize, flip, Cutout).
+"""WRN-28-10 (the authors' network) on Food101 resized to 32x32 with AACE-SAM (pad, resize, flip, Cutout).
 
   python train/main.py --config train/configs/wrn28_10_food101.py --config.data_dir=$TFDS_DATA_DIR
+
+The same as `train/configs/paper.py:wrn28_10,food101,aace_sam`.
 """
 
-from train.configs import wrn28_10_cifar10
+from train.configs import paper
 
 
 def get_config():
-  config = wrn28_10_cifar10.get_config()
-  config.dataset = "food101"
-  return config
+  return paper.get_config("wrn28_10,food101,aace_sam")

@@ -1,0 +1,279 @@
+"""Every kill point, non-finite state, workdir sharing, bad values and filesystem errors.
+
+Kill points use real subprocesses and real signals (SIGKILL, SIGTERM) and compare
+the whole metrics.csv (every column but the timing) and the final checkpoint
+with an uninterrupted run.
+"""
+
+import csv
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tests.test_hardening import assert_same_checkpoint
+from tests.test_trainer import latest_checkpoint, small_config
+from train import checkpointing
+from train import input_pipeline
+from train import train
+from train import workdir as workdir_files
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS_PER_EPOCH = 1438 // 32
+ARGS = ["--config.num_epochs=3", "--config.batch_size=32", "--config.compilation_cache=False"]
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+
+# Runs train/main.py in this process after arranging to kill it at KILL_POINT, for epoch 1.
+DRIVER = textwrap.dedent("""
+    import os, pathlib, runpy, signal, sys, time
+    sys.path.insert(0, {repo!r})
+    from train import checkpointing, workdir
+
+    kill_point, checkpoints_dir = os.environ["KILL_POINT"], pathlib.Path(sys.argv[2]) / "checkpoints"
+
+    def die():
+      os.kill(os.getpid(), signal.SIGKILL)
+
+    def finalized(step):
+      return (checkpoints_dir / str(step) / "_CHECKPOINT_METADATA").exists()
+
+    save, append = checkpointing.Checkpoints.save, workdir.RunFiles.append
+
+    def save_then_die(self, state, totals, history):
+      save(self, state, totals, history)
+      if int(state.step) == 2 * {steps}:
+        die()  # the asynchronous write has just begun
+
+    def append_after_checkpoint(self, row):
+      if row["epoch"] == 1:
+        for _ in range(600):  # wait until the epoch's checkpoint is whole, then die before the CSV row
+          if finalized(2 * {steps}):
+            break
+          time.sleep(0.05)
+        die()
+      append(self, row)
+
+    def append_then_die(self, row):
+      append(self, row)
+      if row["epoch"] == 1:
+        die()
+
+    if kill_point == "during_checkpoint_write":
+      checkpointing.Checkpoints.save = save_then_die
+    elif kill_point == "after_checkpoint_before_csv":
+      workdir.RunFiles.append = append_after_checkpoint
+    elif kill_point == "after_csv_row":
+      workdir.RunFiles.append = append_then_die
+    sys.argv = ["train/main.py", *sys.argv[1:]]
+    runpy.run_path({main!r}, run_name="__main__")
+""").format(repo=str(REPO), steps=STEPS_PER_EPOCH, main=str(REPO / "train" / "main.py"))
+
+
+def main_command(workdir, *extra):
+  return [sys.executable, str(REPO / "train" / "main.py"), "--workdir", str(workdir), *ARGS, *extra]
+
+
+def read_rows(workdir):
+  with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def assert_same_csv(workdir_a, workdir_b):
+  rows_a, rows_b = read_rows(workdir_a), read_rows(workdir_b)
+  assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b] == ["0", "1", "2"]
+  for row_a, row_b in zip(rows_a, rows_b):
+    for column in checkpointing.HISTORY_COLUMNS:
+      assert row_a[column] == row_b[column], (row_a["epoch"], column)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("uninterrupted") / "run"
+  subprocess.run(main_command(workdir), check=True, capture_output=True, env=ENV, timeout=300)
+  return str(workdir)
+
+
+@pytest.mark.parametrize("kill_point", ["during_checkpoint_write", "after_checkpoint_before_csv", "after_csv_row"])
+def test_sigkill_at_any_point_of_an_epoch_end_loses_nothing(tmp_path, uninterrupted, kill_point):
+  workdir = tmp_path / "run"
+  killed = subprocess.run([sys.executable, "-c", DRIVER, "--workdir", str(workdir), *ARGS],
+                          capture_output=True, text=True, env=dict(ENV, KILL_POINT=kill_point), timeout=300)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  if kill_point == "after_checkpoint_before_csv":
+    assert [r["epoch"] for r in read_rows(workdir)] == ["0"]  # the defect: the row was lost for good
+    assert latest_checkpoint(str(workdir))[0] == 2 * STEPS_PER_EPOCH
+  resumed = subprocess.run(main_command(workdir), capture_output=True, text=True, env=ENV, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "finished: test accuracy" in resumed.stdout
+  assert_same_csv(uninterrupted, str(workdir))
+  assert_same_checkpoint(uninterrupted, str(workdir))
+  assert not (workdir / "lock").exists()
+
+
+def test_sigterm_mid_epoch_gives_the_uninterrupted_rows(tmp_path, uninterrupted):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(main_command(workdir), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+  for line in proc.stdout:  # stop it early in the second epoch (it stops after the step in flight)
+    if line.startswith("epoch 1/3"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  assert proc.wait(timeout=120) == 0
+  step, _ = latest_checkpoint(str(workdir))
+  assert STEPS_PER_EPOCH < step < 2 * STEPS_PER_EPOCH
+  resumed = subprocess.run(main_command(workdir), capture_output=True, text=True, env=ENV, timeout=300)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert_same_csv(uninterrupted, str(workdir))  # epoch 1's row too, half of it trained before the stop
+  assert_same_checkpoint(uninterrupted, str(workdir))
+
+
+def rewrite_checkpoint(workdir, step, change):
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                  item_handlers=ocp.StandardCheckpointHandler())
+  tree = jax.tree.map(np.array, manager.restore(step))  # writable host copies
+  change(tree)
+  manager.delete(step)
+  manager.save(step, args=ocp.args.StandardSave(tree))
+  manager.wait_until_finished()
+  manager.close()
+
+
+def test_nonfinite_checkpoint_is_skipped_like_a_damaged_one(tmp_path):
+  reference, poisoned = str(tmp_path / "reference"), str(tmp_path / "poisoned")
+  train.train_and_evaluate(small_config(), reference)
+  train.train_and_evaluate(small_config(), poisoned)
+  last = 2 * (1438 // 64)
+
+  def poison(tree):
+    kernel = tree["params"]["Conv_0"]["kernel"]
+    kernel[0, 0, 0, 0] = np.nan
+
+  rewrite_checkpoint(poisoned, last, poison)
+  with pytest.warns(UserWarning, match=f"resumed from the checkpoint at step {last // 2}.*NaN or infinite"):
+    result = train.train_and_evaluate(small_config(), poisoned)
+  assert result["finished"]
+  assert_same_checkpoint(reference, poisoned)
+
+
+def test_a_second_run_on_a_held_workdir_is_refused_and_a_stale_lock_is_taken(tmp_path):
+  workdir = tmp_path / "run"
+  long_run = main_command(workdir, "--config.num_epochs=30")  # long enough for a second run to start meanwhile
+  first = subprocess.Popen(long_run, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
+  for line in first.stdout:
+    if line.startswith("first step"):
+      break
+  second = subprocess.run(long_run, capture_output=True, text=True, env=ENV, timeout=120)
+  assert first.poll() is None, "the first run ended before the second tried the workdir"
+  holder = (workdir / "lock").read_text()
+  first.stdout.read()
+  assert first.wait(timeout=300) == 0
+  assert second.returncode != 0
+  assert second.stderr.strip().splitlines()[-1].startswith(f"error: {workdir} is in use by pid {first.pid} on host")
+  assert f'"pid": {first.pid}' in holder
+  assert [int(r["epoch"]) for r in read_rows(workdir)] == list(range(30))  # each written once, by the first run
+  assert not (workdir / "lock").exists()
+
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  (workdir / "lock").write_text(f'{{"host": "{os.uname().nodename}", "pid": {dead.pid}}}')
+  again = train.train_and_evaluate(small_config(num_epochs=1, overwrite=True), str(workdir))
+  assert again["finished"] and not (workdir / "lock").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.log_every_steps=0", "log_every_steps must be >= 1, got 0"),
+        ("--config.eval_batch_size=0", "eval_batch_size must be >= 1, got 0"),
+        ("--config.checkpoint_max_to_keep=0", "checkpoint_max_to_keep must be >= 1, got 0"),
+        ("--config.halt_after_epochs=0", "halt_after_epochs must be >= 1 (or None), got 0"),
+        ("--config.learning_rate=inf", "learning_rate must be a finite number > 0, got inf"),
+        ("--config.weight_decay=nan", "weight_decay must be a finite number >= 0, got nan"),
+        ("--config.momentum=nan", "momentum must lie in [0, 1), got nan"),
+        ("--config.num_epoch=3", 'Did you mean "num_epochs" instead of "num_epoch"?'),
+    ],
+)
+def test_bad_values_fail_in_one_line_before_anything_is_written(tmp_path, flag, message):
+  workdir = tmp_path / "run"
+  result = subprocess.run(main_command(workdir, flag), capture_output=True, text=True, env=ENV, timeout=120)
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr[-2000:]
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("empty", ["train", "eval"])
+def test_empty_split_is_named_before_anything_is_written(monkeypatch, tmp_path, empty):
+  sources = dict(zip(("train", "eval"), input_pipeline.digits_sources()))
+  sources[empty] = input_pipeline.ArraySource(sources[empty].images[:0], sources[empty].labels[:0])
+  monkeypatch.setattr(input_pipeline, "digits_sources", lambda: (sources["train"], sources["eval"]))
+  with pytest.raises(input_pipeline.RecordError, match=f"the {empty} split of 'digits' is empty"):
+    train.train_and_evaluate(small_config(), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_huge_pixel_is_named_instead_of_poisoning_the_statistics(monkeypatch, tmp_path):
+  train_source, eval_source = input_pipeline.digits_sources()
+  train_source.images = train_source.images.copy()
+  train_source.images[40, 2, 2] = 3e19
+  monkeypatch.setattr(input_pipeline, "digits_sources", lambda: (train_source, eval_source))
+  with pytest.raises(input_pipeline.RecordError, match=r"train record 40 has pixel values in \[0, 3e\+19\]"):
+    train.train_and_evaluate(small_config(), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_workdir_that_cannot_be_made_is_one_line(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  result = subprocess.run(main_command(blocker / "run"), capture_output=True, text=True, env=ENV, timeout=120)
+  assert result.returncode != 0
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and str(blocker) in lines[0], result.stderr[-2000:]
+
+
+def test_losing_plots_and_events_is_a_warning(monkeypatch, tmp_path):
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(workdir_files.RunFiles, "plot", full_disk)
+  monkeypatch.setattr(workdir_files.RunFiles, "_add_scalars", full_disk)
+  with pytest.warns(UserWarning, match=r"could not write the plots \(\[Errno 28\] No space left on device\)"):
+    result = train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path / "run"))
+  assert result["finished"] and len(read_rows(str(tmp_path / "run"))) == 1
+
+
+def test_failed_checkpoint_write_says_what_was_saved_last(monkeypatch, tmp_path):
+  save = ocp.CheckpointManager.save
+
+  def fails_after_the_first(self, step, *args, **kwargs):
+    if step > 1438 // 64:
+      raise OSError(28, "No space left on device")
+    return save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", fails_after_the_first)
+  with pytest.raises(train.CheckpointError, match=(
+      r"writing the checkpoint of step 44 in .* failed \(OSError: \[Errno 28\] No space left on device\);"
+      r" the last checkpoint written whole is step 22\.")):
+    train.train_and_evaluate(small_config(), str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "lock").exists()
+
+
+def test_sigterm_during_startup_stops_after_the_first_step_with_a_checkpoint(monkeypatch, tmp_path):
+  create = train.create_experiment
+
+  def signalled_while_starting(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return create(*args, **kwargs)
+
+  monkeypatch.setattr(train, "create_experiment", signalled_while_starting)
+  result = train.train_and_evaluate(small_config(), str(tmp_path / "run"))
+  assert result["stopped_by"] == "SIGTERM" and result["step"] == 1
+  assert latest_checkpoint(str(tmp_path / "run"))[0] == 1
+  assert jax.device_count() >= 1
