@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -12,12 +13,14 @@ from tests.helpers import free_port
 from tests.test_trainer import latest_checkpoint, read_csv
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = ["--config.num_epochs=1", "--config.batch_size=64", "--config.eval_batch_size=128"]
+CONFIG = ["--config.num_epochs=1", "--config.batch_size=64", "--config.eval_batch_size=128",
+          "--config.compilation_cache=False"]
 
 
 def launch(args, devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  return subprocess.Popen([sys.executable, str(REPO / "train" / "main.py"), *args, *CONFIG],
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             PYTHONUNBUFFERED="1")
+  return subprocess.Popen([sys.executable, str(REPO / "train" / "main.py"), *CONFIG, *args],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
 
@@ -53,3 +56,33 @@ def test_two_processes_train_like_one(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   rows_a, rows_b = read_csv(str(single)), read_csv(str(multi))
   assert float(rows_a[0]["val_acc"]) == float(rows_b[0]["val_acc"])
+
+
+def test_sigterm_on_one_host_stops_every_host_at_the_same_step_and_resumes(tmp_path):
+  """JAX's preemption service: SIGTERM to process 1 alone; both stop at one step, checkpoint, and resume."""
+  straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+
+  def two_processes(workdir, port):
+    return [launch(["--workdir", str(workdir), "--multihost", f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2", f"--process_id={i}", "--config.num_epochs=2"], devices=1)
+            for i in range(2)]
+
+  finish(two_processes(straight, free_port()))
+  procs = two_processes(preempted, free_port())
+  for line in procs[0].stdout:
+    if line.startswith("first step"):
+      procs[1].send_signal(signal.SIGTERM)
+      break
+  outputs = finish(procs)
+  assert "stopped by SIGTERM at step" in outputs[0], outputs[0][-2000:]
+  step = int(outputs[0].split("stopped by SIGTERM at step ")[1].split(",")[0])
+  assert 0 < step < 2 * (1438 // 64)
+  assert latest_checkpoint(str(preempted))[0] == step  # written by both processes, at the agreed step
+  resumed = finish(two_processes(preempted, free_port()))
+  assert "finished: test accuracy" in resumed[0]
+  step_a, tree_a = latest_checkpoint(str(straight))
+  step_b, tree_b = latest_checkpoint(str(preempted))
+  assert step_a == step_b
+  for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert [r["val_acc"] for r in read_csv(str(straight))] == [r["val_acc"] for r in read_csv(str(preempted))]

@@ -85,7 +85,7 @@ def main(argv):
   if jax.process_index() != 0:
     return
   where = f"workdir {os.path.abspath(workdir)}"
-  if result["stopped_by"] in ("SIGTERM", "SIGINT", "signal on another host"):
+  if result["stopped_by"] in ("SIGTERM", "SIGINT", "SIGINT on another host"):
     print(f"stopped by {result['stopped_by']} at step {result['step']}, checkpoint written; rerun the same command to resume. {where}")
   elif result.get("epoch") is None:
     print(f"nothing to train: the run is complete. {where}")

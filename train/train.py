@@ -231,14 +231,23 @@ def evaluate(eval_step, state, batches: Iterator[dict]) -> tuple[float, float]:
 
 
 class StopSignals:
-  """Turns SIGTERM and SIGINT into a request to stop after the current step."""
+  """SIGTERM and SIGINT become a request to stop after the current step, the same step on every host.
+
+  On one process both are Python handlers. On several (a pod, SLURM),
+  SIGTERM, the scheduler's preemption notice, is left to JAX's preemption
+  service, which `jax.distributed.initialize` starts: every host calls
+  `reached_preemption_sync_point` each step and all stop at the step it
+  names. SIGINT, which that service does not watch, is compared across
+  hosts at log points.
+  """
 
   def __init__(self):
     self.received = None
     self._previous = {}
+    self.watched = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else (signal.SIGINT,)
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in self.watched:
       self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -250,12 +259,17 @@ class StopSignals:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
-  def any_host_received(self) -> bool:
+  def stop_reason(self, step: int, at_log_point: bool) -> Optional[str]:
+    """Why to stop after global step `step` (None: go on). Every host calls it at every step."""
     if jax.process_count() == 1:
-      return self.received is not None
+      return self.received
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.array(self.received is not None))))
+    if multihost_utils.reached_preemption_sync_point(step):
+      return "SIGTERM"
+    if at_log_point and np.any(multihost_utils.process_allgather(np.array(self.received is not None))):
+      return self.received or "SIGINT on another host"
+    return None
 
 
 def prefetch_to_device(batches: Iterator[dict], transfer: Callable, size: int = 2) -> Iterator[dict]:
@@ -551,9 +565,8 @@ def _train(config, workdir, experiment: Experiment, signals, is_writer: bool, in
                 f"stopped: the last {int(latest['skip_streak'])} steps were not finite and were skipped (step"
                 f" {int(jax.device_get(state.step))}); the last good state is checkpointed in {workdir}."
             )
-        # Several hosts must stop at the same step, so they compare signals at log points only.
-        if (jax.process_count() == 1 or at_log_point) and signals.any_host_received():
-          stopped_by = signals.received or "signal on another host"
+        stopped_by = signals.stop_reason(epoch * steps_per_epoch + index + 1, at_log_point)
+        if stopped_by is not None:
           break
       bar.close()
       if stopped_by is not None:
