@@ -48,3 +48,21 @@ def test_input_pipeline_json_report():
 def test_input_pipeline_bad_arguments_are_rejected():
   result = subprocess.run([sys.executable, str(INPUT_SCRIPT), "--epochs", "1"], capture_output=True, text=True)
   assert result.returncode == 2 and "--epochs >= 2" in result.stderr
+
+
+FIRST_STEP_SCRIPT = SCRIPT.parent / "first_step.py"
+
+
+def test_first_step_json_report_cold_then_cached():
+  result = subprocess.run(
+      [sys.executable, str(FIRST_STEP_SCRIPT), "--model", "linear", "--batch", "8", "--json"],
+      capture_output=True, text=True, timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  cold, cached = report["cold"], report["cached"]
+  for phases in (cold, cached):
+    assert {"init_seconds", "trace_seconds", "lower_seconds", "compile_seconds", "first_step_seconds"} <= set(phases)
+  assert cold["cache_misses"] > 0 and cold["cache_hits"] == 0
+  assert cached["cache_misses"] == 0 and cached["cache_hits"] == cold["cache_misses"]
+  assert cached["cache_entries"] == cold["cache_entries"]  # the cached run compiled nothing new

@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import aace_jax
@@ -146,14 +147,30 @@ def damage(workdir, step, how):
       path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("how", ["truncate", "corrupt"])
+def write_nan_into(workdir, step):
+  """Rewrites checkpoint `step` whole and readable, with one NaN parameter."""
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                  item_handlers=ocp.StandardCheckpointHandler())
+  tree = jax.tree.map(np.array, manager.restore(step))  # writable host copies
+  tree["params"]["Conv_0"]["kernel"][0, 0, 0, 0] = np.nan
+  manager.delete(step)
+  manager.save(step, args=ocp.args.StandardSave(tree))
+  manager.wait_until_finished()
+  manager.close()
+
+
+@pytest.mark.parametrize("how", ["truncate", "corrupt", "nonfinite"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, how):
   reference, damaged = str(tmp_path / "reference"), str(tmp_path / "damaged")
   train.train_and_evaluate(small_config(), reference)
   train.train_and_evaluate(small_config(), damaged)
   last = 2 * (1438 // 64)
-  damage(damaged, last, how)
-  with pytest.warns(UserWarning, match=f"resumed from the checkpoint at step {last // 2}"):
+  if how == "nonfinite":
+    write_nan_into(damaged, last)
+  else:
+    damage(damaged, last, how)
+  reason = "NaN or infinite" if how == "nonfinite" else ""
+  with pytest.warns(UserWarning, match=f"resumed from the checkpoint at step {last // 2}.*{reason}"):
     result = train.train_and_evaluate(small_config(), damaged)
   assert result["finished"]
   assert_same_checkpoint(reference, damaged)

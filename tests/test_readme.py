@@ -75,7 +75,8 @@ def test_shell_command(line):
       assert "--file_format=array_record" in words
     elif command in ('pip install tensorflow tensorflow-datasets', 'pip install -U "jax[tpu]"'):
       pass  # needs the network or a TPU; named in the docs of TFDS and JAX
-    elif words[0] == "python" and words[1] in ("benchmarks/step_time.py", "benchmarks/input_pipeline.py"):
+    elif words[0] == "python" and words[1] in (
+        "benchmarks/step_time.py", "benchmarks/input_pipeline.py", "benchmarks/first_step.py"):
       sys.path.insert(0, str(REPO / "benchmarks"))
       script = importlib.import_module(pathlib.Path(words[1]).stem)
       script.parse_args(words[2:])

@@ -291,3 +291,18 @@ def test_multisteps_is_refused_with_a_pointer_to_grad_accum_steps():
   step = jax.jit(aace_jax.make_train_step(mlp_apply, tx))
   with pytest.raises(ValueError, match="optax.MultiSteps is not supported here.*grad_accum_steps=k"):
     step(state, make_batch())
+
+
+def test_extra_metrics_are_batch_means_on_the_first_pass_logits():
+  tx = aace_jax.aace_sam(optax.sgd(0.1), 0.2)
+  params, batch = mlp_params(), make_batch()
+  state = aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
+  top_class = lambda logits, labels: (jnp.argmax(logits, -1) == 0).astype(jnp.float32)  # noqa: E731
+  step = jax.jit(aace_jax.make_train_step(mlp_apply, tx, extra_metrics={
+      "aace_kl": aace_jax.aace_kl_divergence, "picks_class_0": top_class}))
+  _, metrics = step(state, batch)
+  logits, _ = mlp_apply(params, {}, batch["image"], train=True, rng=None)  # at w, before the update
+  np.testing.assert_allclose(metrics["aace_kl"], aace_jax.aace_kl_divergence(logits, batch["label"]).mean(), rtol=1e-6)
+  assert float(metrics["picks_class_0"]) == float(np.mean(np.argmax(logits, -1) == 0))
+  with pytest.raises(ValueError, match=r"extra_metrics may not reuse the names \['loss'\]"):
+    aace_jax.make_train_step(mlp_apply, tx, extra_metrics={"loss": aace_jax.cross_entropy})
