@@ -431,7 +431,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
 
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   batch_sharding = NamedSharding(mesh, P("data"))
-  train_step = aace_jax.shard_train_step(
+  sharded_train_step = aace_jax.shard_train_step(
       aace_jax.make_train_step(
           apply_fn, tx, perturbation_loss=perturbation_loss, loss=loss, axis_name="data",
           sync_perturbation=config.sync_perturbation, grad_accum_steps=config.grad_accum_steps,
@@ -439,9 +439,9 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
       ),
       mesh,
   )
-  eval_step = aace_jax.shard_train_step(aace_jax.make_eval_step(apply_fn, loss=loss, axis_name="data"), mesh)
+  sharded_eval_step = aace_jax.shard_train_step(aace_jax.make_eval_step(apply_fn, loss=loss, axis_name="data"), mesh)
   host_fed_step, resident_step, eval_step = make_device_steps(
-      train_step, eval_step, data, seed=config.seed, batch_sharding=batch_sharding
+      sharded_train_step, sharded_eval_step, data, seed=config.seed, batch_sharding=batch_sharding
   )
 
   def to_global(batch):
