@@ -110,7 +110,7 @@ def step_images_per_sec(args, data, repeats: int = 3) -> float:
   from train import train
 
   experiment = train.create_experiment(trainer_config(args), data)
-  state, totals, step = experiment.state, experiment.totals, experiment.train_step
+  state, totals, step = experiment.init_state(), experiment.totals, experiment.train_step
   batch = next(iter(experiment.train_batches(0, 0)))
   state, totals, metrics = step(state, totals, batch)  # compile
   jax.block_until_ready((state, metrics))

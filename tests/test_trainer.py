@@ -290,3 +290,20 @@ def test_compare_runs_the_three_methods(tmp_path):
   table = (tmp_path / "compare.md").read_text()
   assert all(f"| {method} |" in table for method in ("sgd", "sam", "aace_sam"))
   assert (tmp_path / "compare.png").exists()
+
+
+def test_resumed_run_restores_into_shapes_without_initializing(monkeypatch, tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(small_config(), straight)
+  train.train_and_evaluate(small_config(halt_after_epochs=1), resumed)
+
+  def no_init(*args, **kwargs):
+    raise AssertionError("a resumed run initialized the parameters")
+
+  monkeypatch.setattr(train.models, "init_variables", no_init)
+  assert train.train_and_evaluate(small_config(), resumed)["finished"]
+  step_a, tree_a = latest_checkpoint(straight)
+  step_b, tree_b = latest_checkpoint(resumed)
+  assert step_a == step_b
+  for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b), strict=True):
+    np.testing.assert_array_equal(a, b)

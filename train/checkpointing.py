@@ -111,22 +111,27 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.close()
 
-  def restore_latest(self, state: aace_jax.TrainState, totals: dict, history: np.ndarray):
-    """The newest readable, consistent and finite checkpoint; `(state, totals, history)` as given if none exists.
+  def restore_latest(self, state_shapes: aace_jax.TrainState, totals: dict, history: np.ndarray):
+    """The newest readable, consistent and finite checkpoint as `(state, totals, history)`; None if there is none.
 
-    A damaged checkpoint is skipped with a warning and deleted once an older
-    one is read, so the resumed run can write its step again.
+    `state_shapes` holds `jax.ShapeDtypeStruct`s with the shardings to restore
+    into, `totals` and `history` are templates of the same kind. A damaged
+    checkpoint is skipped with a warning and deleted once an older one is
+    read, so the resumed run can write its step again.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     if not steps:
-      return state, totals, history
+      return None
 
     def abstract(x):
-      if isinstance(x, jax.Array):
+      if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
       return x
 
-    target = jax.tree.map(abstract, _to_tree(state, totals, history))
+    rng = state_shapes.rng
+    rng_data = jax.eval_shape(jax.random.key_data, rng)
+    state_shapes = state_shapes._replace(rng=jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=rng.sharding))
+    target = jax.tree.map(abstract, {**state_shapes._asdict(), "epoch_totals": totals, "history": history})
     failures = []
     for step in steps:
       try:

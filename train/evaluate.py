@@ -79,7 +79,7 @@ def load_authors_weights(config, state_dict: dict, workdir=None, data=None) -> d
   architecture, blocks = architecture_of(
       models.create_model(config.model, experiment.data.spec.num_classes, train.DTYPES[config.dtype])
   )
-  state = experiment.state
+  state = experiment.init_state()  # for the optimizer's state layout and the run's key
   template = jax.device_get({"params": state.params, **state.model_state})
   variables = torch_weights.from_authors(state_dict, template, architecture=architecture, blocks=blocks)
   tx = train.create_optimizer(config, experiment.data.steps_per_epoch)[0]

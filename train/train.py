@@ -391,14 +391,19 @@ class Experiment(NamedTuple):
   """What a run needs, built from the config before anything is written.
 
   Attributes:
-    state, totals: the initial train state and epoch totals, on the devices.
+    state_shapes: the train state's shapes, dtypes and (replicated) shardings:
+      what a checkpoint is restored into, with no init run.
+    init_state: ``() ->`` the initial train state on the devices (compiles and
+      runs the parameter init; a resumed run never calls it).
+    totals: the initial epoch totals, on the devices.
     train_step: ``(state, totals, batch) -> (state, totals, metrics)``, compiled.
     train_batches: ``(epoch, start_step) ->`` the batches to give `train_step`, on the devices.
     eval_step, eval_batches: likewise for evaluation (``eval_batches()``).
   """
 
   data: input_pipeline.Data
-  state: aace_jax.TrainState
+  state_shapes: aace_jax.TrainState
+  init_state: Callable[[], aace_jax.TrainState]
   totals: dict
   train_step: Callable
   train_batches: Callable[[int, int], Iterator]
@@ -463,12 +468,23 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
     train_step = host_fed_step
 
   init_key, state_key = jax.random.split(jax.random.key(config.seed))
-  variables = models.init_variables(model, init_key, data.spec.image_shape)
-  params = variables.pop("params")
-  state = aace_jax.TrainState.create(params=params, model_state=dict(variables), tx=tx, rng=state_key)
+
+  def create_state(variables):
+    params = variables.pop("params")
+    return aace_jax.TrainState.create(params=params, model_state=dict(variables), tx=tx, rng=state_key)
+
+  def init_state():
+    return aace_jax.replicate_on_mesh(create_state(models.init_variables(model, init_key, data.spec.image_shape)), mesh)
+
+  replicated = NamedSharding(mesh, P())
+  state_shapes = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(lambda: create_state(model.init(init_key, jnp.zeros((1, *data.spec.image_shape)), train=False))),
+  )
   return Experiment(
       data=data,
-      state=aace_jax.replicate_on_mesh(state, mesh),
+      state_shapes=state_shapes,
+      init_state=init_state,
       totals=aace_jax.replicate_on_mesh(zero_totals(), mesh),
       train_step=train_step,
       train_batches=train_batches,
@@ -521,9 +537,12 @@ def _train(config, workdir, experiment: Experiment, signals, is_writer: bool, in
       os.path.abspath(os.path.join(workdir, "checkpoints")), config.checkpoint_max_to_keep
   )
   try:
-    state, totals, history = checkpoints.restore_latest(
-        experiment.state, experiment.totals, checkpointing.empty_history(config.num_epochs)
+    restored = checkpoints.restore_latest(
+        experiment.state_shapes, experiment.totals, checkpointing.empty_history(config.num_epochs)
     )
+    if restored is None:  # a new run: only now are the parameters initialized
+      restored = experiment.init_state(), experiment.totals, checkpointing.empty_history(config.num_epochs)
+    state, totals, history = restored
     rows = checkpointing.history_rows(history, files.read())
     files.restore(rows)
     start_step = int(jax.device_get(state.step))

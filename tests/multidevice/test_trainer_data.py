@@ -53,5 +53,6 @@ def test_eval_covers_every_record_on_eight_devices():
   config = default.get_config()
   config.batch_size = config.eval_batch_size = 64
   experiment = train.create_experiment(config, data)
-  counts = [float(experiment.eval_step(experiment.state, batch)["count"]) for batch in experiment.eval_batches()]
+  state = experiment.init_state()
+  counts = [float(experiment.eval_step(state, batch)["count"]) for batch in experiment.eval_batches()]
   assert sum(counts) == len(data.eval)
