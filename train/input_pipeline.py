@@ -345,8 +345,8 @@ def open_split(
     name: str, spec: DatasetSpec, source, split: str, *, cache_dir: Optional[str], max_in_memory_bytes: float
 ) -> Union[Split, StreamedSplit]:
   """A split in memory (from the cache, or decoded and cached) or, if too large, streamed."""
-  if isinstance(source, ArraySource):
-    return check_arrays(spec, source.images, source.labels, split)
+  if isinstance(source, ArraySource):  # already in memory: checked, never cached
+    return decode_split(spec, source, split)
   if len(source) * int(np.prod(spec.image_shape)) > max_in_memory_bytes:
     warnings.warn(f"{name} {split}: {len(source)} records exceed max_in_memory_bytes; streaming them from disk")
     return StreamedSplit(spec, source, split)

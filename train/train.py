@@ -166,8 +166,7 @@ def default_compilation_cache_dir() -> str:
   return os.path.join(cache_home, "aace_jax", "xla")
 
 
-# jax.monitoring events of the persistent compilation cache, counted since it was enabled
-# ("listening" is 1 once the listener is registered).
+# The persistent compilation cache's hits and misses in this process (jax.monitoring events).
 compilation_cache_events = collections.Counter()
 
 
@@ -175,6 +174,9 @@ def _count_cache_event(event: str, **kwargs) -> None:
   del kwargs
   if event in ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"):
     compilation_cache_events[event.rsplit("/", 1)[1]] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_event)
 
 
 def enable_compilation_cache(config) -> Optional[str]:
@@ -190,9 +192,6 @@ def enable_compilation_cache(config) -> Optional[str]:
   # Every program, however quick to compile: a resumed run then compiles nothing.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  if not compilation_cache_events["listening"]:
-    jax.monitoring.register_event_listener(_count_cache_event)
-    compilation_cache_events["listening"] = 1
   return path
 
 
@@ -287,7 +286,8 @@ def prefetch_to_device(batches: Iterator[dict], transfer: Callable, size: int = 
 
 
 def decoded_cache_dir(config) -> Optional[str]:
-  if not config.cache_decoded or config.dataset == "digits":
+  """Where decoded TFDS splits are cached (in-memory sources such as the digits never are)."""
+  if not config.cache_decoded:
     return None
   return config.decoded_cache_dir or os.path.join(input_pipeline.resolve_data_dir(config.data_dir), "decoded")
 

@@ -8,6 +8,7 @@ say) is a warning, not a crash.
 """
 
 import csv
+import io
 import json
 import os
 import shutil
@@ -163,8 +164,6 @@ class RunFiles:
 
   @staticmethod
   def _csv_text(rows: list[dict], header: bool = True) -> str:
-    import io
-
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
     if header:
