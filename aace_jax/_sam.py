@@ -6,7 +6,9 @@ inner optimizer that updates the unperturbed parameters. They differ in the
 loss the caller differentiates, the direction of the step and its scaling.
 """
 
-from typing import Callable, NamedTuple, Optional
+import sys
+import warnings
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -14,16 +16,18 @@ import optax
 
 from aace_jax import _checks
 
-GradFn = Callable[[optax.Params], optax.Updates]
+GradFn = Callable[[optax.Params], Any]
+PerturbMask = Union[Any, Callable[[optax.Params], Any]]
 
 
 class SAMState(NamedTuple):
   """State of :func:`aace_sam` and :func:`sam`.
 
-  The two norms describe the last call of ``update`` and are there for
-  logging, so a training loop need not recompute them. Both are float32
-  scalars, zero before the first step. Read them from the state the update
-  returned (inside ``optax.chain`` it is an element of the chain's tuple).
+  The other fields describe the last call of ``update`` and are there for
+  logging, so a training loop needs no third pass to know them. They are
+  float32 scalars, zero before the first step. Read them from the state the
+  update returned (inside ``optax.chain`` it is an element of the chain's
+  tuple).
 
   Attributes:
     inner_state: the state of the wrapped optimizer.
@@ -31,12 +35,21 @@ class SAMState(NamedTuple):
       gradient ``g`` (after averaging over ``batch_axis_name``), or of
       ``|w| * g`` when ``adaptive=True``, as the authors log ``grad_norm``.
     perturbation_norm: the global L2 norm of the perturbation
-      ``w_adv - w``, the authors' ``ew_norm``.
+      ``w_adv - w`` actually applied, the authors' ``ew_norm`` (measured after
+      ``w_adv`` is rounded to the parameters' dtype, so a perturbation that
+      bfloat16 parameters cannot hold shows as 0).
+    perturbed_loss: the training loss at ``w_adv`` when ``grad_fn`` returns
+      it (``jax.value_and_grad``), NaN when it returns gradients alone.
+    perturbed_grad_norm: the global L2 norm of ``grad_fn``'s gradient at
+      ``w_adv`` (after averaging over ``batch_axis_name``), the gradient the
+      inner optimizer receives.
   """
 
   inner_state: optax.OptState
   perturbation_grad_norm: jax.Array
   perturbation_norm: jax.Array
+  perturbed_loss: jax.Array
+  perturbed_grad_norm: jax.Array
 
 
 def _upcast(x: jax.Array) -> jax.Array:
@@ -47,7 +60,106 @@ def global_norm(tree) -> jax.Array:
   # Squares are summed in at least float32: bfloat16/float16 overflow or lose
   # the small terms of a large model's norm.
   squares = [jnp.sum(jnp.square(_upcast(x))) for x in jax.tree.leaves(tree)]
-  return jnp.sqrt(sum(squares))
+  return jnp.sqrt(sum(squares)) if squares else jnp.zeros([], jnp.float32)
+
+
+def _refuse_wrappers(owner: str, params) -> None:
+  """Raises where an optax wrapper would silently change the algorithm.
+
+  Both are trace-time checks: no cost per step.
+  """
+  is_masked = lambda x: isinstance(x, optax.MaskedNode)
+  if any(is_masked(x) for x in jax.tree.leaves(params, is_leaf=is_masked)):
+    raise TypeError(
+        f"{owner} cannot run inside optax.masked: grad_fn would receive a partial tree and the"
+        f" parameters outside the mask would be moved by the raw first-pass gradient. To perturb only"
+        f" some parameters, pass {owner}(..., perturb_mask=mask) instead."
+    )
+  # optax.MultiSteps calls this update once per micro-batch with the running
+  # mean of the perturbation gradients, and keeps the update of the last call:
+  # the perturbation is the big batch's but the gradient at w_adv is only the
+  # last micro-batch's. It cannot be made right from inside, and MultiSteps
+  # marks nothing in the arguments, so its frame is looked for on the stack.
+  frame = sys._getframe(2)
+  for _ in range(64):
+    if frame is None:
+      break
+    if isinstance(frame.f_locals.get("self"), optax.MultiSteps):
+      raise ValueError(
+          f"{owner} cannot run inside optax.MultiSteps: the update would use the perturbation of the"
+          " accumulated gradient but the gradient at w_adv of the last micro-batch only. Accumulate"
+          " with make_train_step(..., grad_accum_steps=k), or average your micro-batches' gradients"
+          " yourself in both the first pass and grad_fn."
+      )
+    frame = frame.f_back
+
+
+def _resolve_mask(owner: str, perturb_mask: Optional[PerturbMask], params):
+  """`perturb_mask` as a tree of Python bools shaped like `params` (None: all True)."""
+  if perturb_mask is None:
+    return jax.tree.map(lambda _: True, params)
+  mask = perturb_mask(params) if callable(perturb_mask) else perturb_mask
+  try:
+    # A mask may be a prefix of the parameter tree, as for optax.masked.
+    return jax.tree.map(lambda m, p: jax.tree.map(lambda _: m, p), mask, params)
+  except ValueError as error:
+    raise ValueError(
+        f"{owner}: perturb_mask must have the structure of params (or a prefix of it):"
+        f" {jax.tree.structure(mask)} against {jax.tree.structure(params)}."
+    ) from error
+
+
+def _check_mask_leaves(owner: str, mask) -> None:
+  for path, value in jax.tree_util.tree_leaves_with_path(mask):
+    if not isinstance(value, bool):
+      raise TypeError(
+          f"{owner}: perturb_mask's leaves must be Python bools (the mask is static),"
+          f" got {value!r} at {jax.tree_util.keystr(path)}."
+      )
+
+
+def _warn_if_rounded_away(owner: str, params, mask) -> None:
+  low = sorted({
+      str(w.dtype) for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
+      if m and jnp.issubdtype(w.dtype, jnp.floating) and jnp.finfo(w.dtype).bits < 32
+  })
+  if low:
+    warnings.warn(
+        f"{owner}: parameters in {', '.join(low)} hold w_adv = w + e rounded to their dtype, so a"
+        " perturbation smaller than their spacing is lost (SAMState.perturbation_norm shows what"
+        " was applied). Keep float32 parameters and compute in low precision (Flax: param_dtype"
+        " float32, dtype bfloat16).",
+        stacklevel=4,
+    )
+
+
+def _same_shapes(tree, params) -> bool:
+  if jax.tree.structure(tree) != jax.tree.structure(params):
+    return False
+  return all(jnp.shape(a) == jnp.shape(b) for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(params)))
+
+
+def _call_grad_fn(owner: str, grad_fn: GradFn, perturbed_params) -> tuple[jax.Array, optax.Updates]:
+  """`grad_fn(w_adv)` as `(loss or NaN, gradients)`, whichever of jax's forms it returns."""
+  result = grad_fn(perturbed_params)
+  missing = jnp.full([], jnp.nan, jnp.float32)
+  if _same_shapes(result, perturbed_params):
+    return missing, result
+  if isinstance(result, tuple) and len(result) == 2:
+    first, second = result
+    if _same_shapes(second, perturbed_params):  # jax.value_and_grad, with or without has_aux
+      value = first[0] if isinstance(first, tuple) else first
+      if jnp.shape(value) != ():
+        raise ValueError(f"{owner}: grad_fn returned (value, grads) with a value of shape {jnp.shape(value)}, not a scalar loss.")
+      return jnp.asarray(value, jnp.float32), second
+    if _same_shapes(first, perturbed_params):  # jax.grad(..., has_aux=True)
+      return missing, first
+  raise ValueError(
+      f"{owner}: grad_fn must return gradients with the structure and shapes of params"
+      f" ({jax.tree.structure(perturbed_params)}), or (loss, gradients) as jax.value_and_grad"
+      f" does, or (gradients, aux); it returned {jax.tree.structure(result)} with shapes"
+      f" {[jnp.shape(x) for x in jax.tree.leaves(result)]}."
+  )
 
 
 def _sharpness_aware(
@@ -59,6 +171,7 @@ def _sharpness_aware(
     normalize: bool,
     adaptive: bool,
     eps,
+    perturb_mask: Optional[PerturbMask],
     batch_axis_name: Optional[str],
 ) -> optax.GradientTransformationExtraArgs:
   """The one implementation behind `aace_sam` and `sam`."""
@@ -71,14 +184,20 @@ def _sharpness_aware(
   for name, flag in (("normalize", normalize), ("adaptive", adaptive)):
     if not isinstance(flag, bool):
       raise TypeError(f"{owner}: {name} must be a bool, got {flag!r}.")
+  if perturb_mask is not None and not callable(perturb_mask):
+    _check_mask_leaves(owner, perturb_mask)
   inner = optax.with_extra_args_support(optimizer)
   sign = 1.0 if ascent else -1.0
 
   def init_fn(params: optax.Params) -> SAMState:
+    # One array per field: a shared buffer could not be donated twice.
+    zero = lambda: jnp.zeros([], jnp.float32)
     return SAMState(
         inner_state=inner.init(params),
-        perturbation_grad_norm=jnp.zeros([], jnp.float32),
-        perturbation_norm=jnp.zeros([], jnp.float32),
+        perturbation_grad_norm=zero(),
+        perturbation_norm=zero(),
+        perturbed_loss=zero(),
+        perturbed_grad_norm=zero(),
     )
 
   def update_fn(
@@ -96,9 +215,14 @@ def _sharpness_aware(
       )
     if params is None:
       raise ValueError(f"{owner}.update needs params: the perturbation is applied to them.")
+    _refuse_wrappers(owner, params)
+    mask = _resolve_mask(owner, perturb_mask, params)
+    _check_mask_leaves(owner, mask)
     grads = updates
     if batch_axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name=batch_axis_name)
+    # Unperturbed leaves drop out of the direction and of its norm.
+    grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
     if adaptive:
       # ASAM: the step is T^2 g / ||T g|| with T = |w|.
       grads = jax.tree.map(lambda g, w: g * jnp.abs(w).astype(g.dtype), grads, params)
@@ -110,15 +234,17 @@ def _sharpness_aware(
       denominator = grad_norm + eps
       # A zero gradient gives a zero perturbation even with eps=0.
       scale = jnp.where(denominator > 0, scale / jnp.where(denominator > 0, denominator, 1), 0)
-    perturbation = jax.tree.map(lambda g: scale * _upcast(g), grads)
-    perturbation_norm = global_norm(perturbation)
+    _warn_if_rounded_away(owner, params, mask)
     perturbed_params = jax.tree.map(
-        lambda w, e: (w + e).astype(w.dtype), params, perturbation
+        lambda w, g, m: (w + scale * _upcast(g)).astype(w.dtype) if m else w, params, grads, mask
     )
-    del grads, perturbation
-    perturbed_grads = grad_fn(perturbed_params)
+    perturbation_norm = global_norm(
+        jax.tree.map(lambda w_adv, w: _upcast(w_adv) - _upcast(w), perturbed_params, params)
+    )
+    del grads
+    perturbed_loss, perturbed_grads = _call_grad_fn(owner, grad_fn, perturbed_params)
     if batch_axis_name is not None:
-      perturbed_grads = jax.lax.pmean(perturbed_grads, axis_name=batch_axis_name)
+      perturbed_loss, perturbed_grads = jax.lax.pmean((perturbed_loss, perturbed_grads), axis_name=batch_axis_name)
     updates, inner_state = inner.update(
         perturbed_grads, state.inner_state, params, **extra_args
     )
@@ -126,6 +252,8 @@ def _sharpness_aware(
         inner_state=inner_state,
         perturbation_grad_norm=grad_norm.astype(jnp.float32),
         perturbation_norm=perturbation_norm.astype(jnp.float32),
+        perturbed_loss=perturbed_loss,
+        perturbed_grad_norm=global_norm(perturbed_grads).astype(jnp.float32),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -138,6 +266,7 @@ def aace_sam(
     normalize: bool = False,
     adaptive: bool = False,
     eps: jax.typing.ArrayLike = 1e-12,
+    perturb_mask: Optional[PerturbMask] = None,
     batch_axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AACE-SAM: sharpness-aware minimization with an AACE perturbation.
@@ -158,8 +287,35 @@ def aace_sam(
   in ``optimizer`` therefore acts on :math:`w`, not :math:`w_{adv}`).
 
   ``update(updates, state, params, *, grad_fn, **extra_args)``: ``grad_fn``
-  maps parameters to gradients and is called once, at :math:`w_{adv}`; the
-  other extra arguments go to ``optimizer``.
+  is called once, at :math:`w_{adv}`, and returns the training-loss gradient
+  shaped like ``params``, or ``(loss, gradient)`` as ``jax.value_and_grad``
+  returns it (``has_aux`` too; the loss is kept in
+  :attr:`SAMState.perturbed_loss`, the aux dropped), or ``(gradient, aux)``
+  as ``jax.grad(..., has_aux=True)`` does. Any other tree is an error. The
+  other extra arguments go to ``optimizer``. ``grad_fn`` must evaluate the
+  same function of the weights as the pass that produced ``updates``: the
+  same batch and the same randomness, in particular the same dropout key,
+  or the perturbation is computed for one network and the update for
+  another. Model state that the first pass updated (BatchNorm running
+  statistics) should be kept from the first pass and not from ``grad_fn``'s.
+
+  Composition with the rest of Optax:
+
+  - ``optax.chain(t, aace_sam(opt))``: ``t`` transforms the first-pass
+    gradient only, so ``clip_by_global_norm`` there clips the perturbation
+    direction (a no-op under ``normalize=True``); ``aace_sam(optax.chain(t,
+    opt))`` transforms the gradient at :math:`w_{adv}`, the one that updates
+    the weights; a transformation after ``aace_sam`` acts on the update.
+  - ``optax.apply_if_finite`` outside sees only the first-pass gradient;
+    ``aace_sam(optax.apply_if_finite(opt, k))`` sees the gradient at
+    :math:`w_{adv}`, which is non-finite whenever the first one is.
+  - ``optax.MultiSteps`` and ``optax.masked`` are refused (see
+    ``make_train_step(grad_accum_steps=...)`` and ``perturb_mask``).
+  - ``optax.inject_hyperparams`` schedules ``rho`` (and ``optimizer``'s
+    hyperparameters when ``optimizer`` is itself injected).
+  - Parameters in bfloat16 or float16 round :math:`w_{adv}` to their dtype
+    and lose a perturbation smaller than their spacing: a warning says so
+    at trace time; keep float32 parameters and compute in low precision.
 
   Args:
     optimizer: the base optimizer, e.g. ``optax.chain(
@@ -169,6 +325,11 @@ def aace_sam(
       ``use_grad_norm``; off in all their runs).
     adaptive: ASAM's element-wise scaling :math:`T = |w|`.
     eps: :math:`\epsilon \ge 0`, used when ``normalize``.
+    perturb_mask: which parameters to perturb: a tree of Python bools with
+      the structure of ``params`` (or a prefix of it), or a function of
+      ``params`` returning one, as for ``optax.masked``. Unperturbed leaves
+      keep :math:`w` in ``grad_fn`` and leave the direction's norm; every
+      parameter is still updated by ``optimizer``. None perturbs all.
     batch_axis_name: a mapped axis (``jax.pmap``/``shard_map``) over which both
       gradients are averaged before use.
 
@@ -210,6 +371,7 @@ def aace_sam(
       normalize=normalize,
       adaptive=adaptive,
       eps=eps,
+      perturb_mask=perturb_mask,
       batch_axis_name=batch_axis_name,
   )
 
@@ -221,6 +383,7 @@ def sam(
     normalize: bool = True,
     adaptive: bool = False,
     eps: jax.typing.ArrayLike = 1e-12,
+    perturb_mask: Optional[PerturbMask] = None,
     batch_axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Classic SAM (and ASAM with ``adaptive=True``), through the AACE-SAM machinery.
@@ -231,8 +394,9 @@ def sam(
     w_{\mathrm{adv}} = w + \rho\, T^2 g \,/\, (\|T g\| + \epsilon),
 
   then returns ``optimizer``'s update for ``grad_fn(w_adv)`` taken at
-  :math:`w`. Everything else, including the logged norms in
-  :class:`SAMState`, is as in :func:`aace_sam`.
+  :math:`w`. Everything else, including what ``grad_fn`` may return, the
+  rule that it uses the first pass's dropout key, the values logged in
+  :class:`SAMState` and the composition rules, is as in :func:`aace_sam`.
 
   Args:
     optimizer: the base optimizer.
@@ -242,6 +406,7 @@ def sam(
       off only to experiment).
     adaptive: ASAM's element-wise scaling :math:`T = |w|`.
     eps: :math:`\epsilon \ge 0`.
+    perturb_mask: which parameters to perturb, as in :func:`aace_sam`.
     batch_axis_name: a mapped axis over which both gradients are averaged.
 
   Returns:
@@ -277,5 +442,6 @@ def sam(
       normalize=normalize,
       adaptive=adaptive,
       eps=eps,
+      perturb_mask=perturb_mask,
       batch_axis_name=batch_axis_name,
   )

@@ -6,6 +6,7 @@ the optimizer update and the BatchNorm bookkeeping happen inside it, so a
 compiled step is one XLA program with no host round trip.
 """
 
+import dataclasses
 import inspect
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
@@ -59,6 +60,40 @@ class TrainState(NamedTuple):
     )
 
 
+STEP_METRICS = (
+    "ce_loss", "accuracy", "perturbation_loss", "loss", "grad_norm", "perturbation_grad_norm",
+    "perturbation_norm", "skipped_steps", "learning_rate",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+  """A pure step function and what the parallel wrappers need to know of it.
+
+  :func:`make_train_step` and :func:`make_eval_step` return one; it calls
+  like the function it holds, so ``jax.jit(step)`` works as for any
+  function. :func:`pmap_step` and :func:`shard_step` read ``axis_name``
+  (to check the mapped axis is the one the step averages over) and
+  ``returns_state`` (to donate the old state only when a new one comes
+  back). Wrap a step of your own as ``Step(fn, axis_name="data",
+  returns_state=True)`` to map it the same way.
+
+  Attributes:
+    fn: ``fn(state, batch) -> (state, metrics)`` when ``returns_state``,
+      ``fn(state, batch) -> metrics`` otherwise.
+    axis_name: the mapped axis ``fn``'s collectives (``pmean``, ``psum``)
+      name, or None for a step that runs on one device.
+    returns_state: whether ``fn`` returns a new state.
+  """
+
+  fn: Callable[..., Any]
+  axis_name: Optional[str] = None
+  returns_state: bool = True
+
+  def __call__(self, state, batch):
+    return self.fn(state, batch)
+
+
 def linen_apply_fn(module) -> ApplyFn:
   """Adapts a Flax Linen module whose ``__call__`` takes ``train`` to `ApplyFn`.
 
@@ -98,9 +133,9 @@ def _calls_grad_fn(tx, opt_state, params) -> bool:
   """
   called = []
 
-  def record(w):
+  def record(w):  # returns what the step's grad_fn returns: (loss, gradient)
     called.append(True)
-    return w
+    return jnp.zeros([]), w
 
   shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   tx = optax.with_extra_args_support(tx)
@@ -109,8 +144,17 @@ def _calls_grad_fn(tx, opt_state, params) -> bool:
 
 
 def _find_states(opt_state, kind) -> list:
-  is_kind = lambda x: isinstance(x, kind)
-  return [s for s in jax.tree.leaves(opt_state, is_leaf=is_kind) if is_kind(s)]
+  """The states of type `kind` in `opt_state`, outermost first, nested ones included."""
+  found = []
+
+  def visit(tree):
+    for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind)):
+      if isinstance(node, kind):
+        found.append(node)
+        visit(tuple(node))  # an injected optimizer inside an injected one
+
+  visit(opt_state)
+  return found
 
 
 def _learning_rate(opt_state) -> Optional[jax.Array]:
@@ -163,7 +207,7 @@ def make_train_step(
     grad_accum_steps: int = 1,
     skip_nonfinite: bool = True,
     extra_metrics: Optional[dict[str, PerExampleLoss]] = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+) -> Step:
   r"""Builds a pure training step for SGD, SAM or AACE-SAM.
 
   With ``tx`` a sharpness-aware transformation (:func:`aace_sam`,
@@ -207,9 +251,18 @@ def make_train_step(
   the parameters, model state and optimizer state as they were, still
   advances ``step`` (so the data moves on), and reports ``skipped_steps=1``.
 
-  ``tx`` must call ``grad_fn`` at most once, in its own trace (``aace_sam``,
-  ``sam``, ``optax.chain`` and ``optax.inject_hyperparams`` do;
-  ``optax.MultiSteps`` calls it under ``lax.cond`` and is not supported here).
+  Dropout (a model that draws from ``rng``): both passes of a step, and
+  each micro-batch's two passes, use the same key, folded from
+  ``state.rng``, the step number, the device index and the micro-batch
+  index, so the perturbation and the update see the same network; the next
+  step draws a new one.
+
+  ``tx`` calls ``grad_fn(params)``, which returns ``(loss, gradient)`` at
+  those parameters, at most once (``aace_sam``, ``sam``, and ``optax.chain``
+  or ``optax.inject_hyperparams`` around them); the loss and gradient norm at
+  :math:`w_{adv}` are read from its :class:`SAMState`, so no third pass
+  runs. ``optax.MultiSteps`` is refused: use
+  ``grad_accum_steps``.
 
   Args:
     apply_fn: ``apply_fn(params, model_state, images, *, train, rng) ->
@@ -229,7 +282,7 @@ def make_train_step(
       ``{"aace_kl": aace_kl_divergence}``, the value the authors log.
 
   Returns:
-    ``step(state, batch) -> (state, metrics)`` with ``batch = {"image",
+    A :class:`Step`, ``step(state, batch) -> (state, metrics)`` with ``batch = {"image",
     "label"}``. ``metrics`` holds float32 scalars: ``ce_loss`` (``loss`` of
     the first pass, for observation), ``perturbation_loss``, ``loss`` (at
     :math:`w_{adv}`), ``accuracy`` (first pass), ``perturbation_grad_norm``,
@@ -265,98 +318,109 @@ def make_train_step(
   if axis_name is not None and not isinstance(axis_name, str):
     raise TypeError(f"make_train_step: axis_name must be a str or None, got {axis_name!r}.")
   extra_metrics = dict(extra_metrics or {})
-  reserved = {"ce_loss", "accuracy", "perturbation_loss", "loss", "grad_norm", "perturbation_grad_norm",
-              "perturbation_norm", "skipped_steps", "learning_rate"}
-  if reserved & set(extra_metrics):
-    raise ValueError(f"make_train_step: extra_metrics may not reuse the names {sorted(reserved & set(extra_metrics))}.")
+  if set(STEP_METRICS) & set(extra_metrics):
+    raise ValueError(f"make_train_step: extra_metrics may not reuse the names {sorted(set(STEP_METRICS) & set(extra_metrics))}.")
   tx = optax.with_extra_args_support(tx)
   perturbation_takes_key = _accepts_key(perturbation_loss)
 
   def average(tree):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
-  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    images, labels = batch["image"], batch["label"]
+  def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
+    """The step's model key (dropout: the same in both passes) and loss key."""
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     model_rng, loss_rng = jax.random.split(rng)
-    if _find_states(state.opt_state, optax.MultiStepsState):
-      raise ValueError(
-          "make_train_step: optax.MultiSteps is not supported here (it calls grad_fn under lax.cond, or not"
-          " at all); accumulate gradients with make_train_step(..., grad_accum_steps=k) instead."
-      )
-    sharpness_aware = _calls_grad_fn(tx, state.opt_state, state.params)
+    return model_rng, loss_rng
 
-    def forward(params, images, index):
-      """Training-mode logits and new model state of micro-batch `index` (the same rng in both passes)."""
-      return apply_fn(params, state.model_state, images, train=True, rng=jax.random.fold_in(model_rng, index))
+  def first_pass_metrics(logits, labels, loss_rng) -> Metrics:
+    """What the first pass's logits tell, for observation: no gradient flows from here."""
+    metrics = {"ce_loss": loss(logits, labels).mean(), "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    for name, fn in extra_metrics.items():
+      extra = {"key": loss_rng} if _accepts_key(fn) else {}
+      metrics[name] = jax.lax.stop_gradient(fn(logits, labels, **extra)).mean()
+    return metrics
+
+  def sharpness_aware_update(state, images, labels, forward, loss_rng):
+    """Both passes; returns the update, the new model and optimizer states and the metrics."""
 
     def first_pass(params, images, labels, index):
       logits, new_model_state = forward(params, images, index)
-      if sharpness_aware:
-        extra = {"key": jax.random.fold_in(loss_rng, index)} if perturbation_takes_key else {}
-        objective = perturbation_loss(logits, labels, **extra).mean()
-      else:
-        objective = loss(logits, labels).mean()
-      return objective, (logits, new_model_state)
+      extra = {"key": jax.random.fold_in(loss_rng, index)} if perturbation_takes_key else {}
+      return perturbation_loss(logits, labels, **extra).mean(), (logits, new_model_state)
 
     (objective, (logits, new_model_state)), grads = _mean_value_and_grad(
         first_pass, state.params, images, labels, grad_accum_steps
     )
+    if sync_perturbation:
+      grads = average(grads)
+
+    def grad_fn(perturbed_params):
+      def second_pass(params, images, labels, index):
+        logits, _ = forward(params, images, index)  # its model state is discarded
+        return loss(logits, labels).mean(), None
+
+      (value, _), perturbed_grads = _mean_value_and_grad(second_pass, perturbed_params, images, labels, grad_accum_steps)
+      return average(value), average(perturbed_grads)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+    sam_states = _find_states(opt_state, _sam.SAMState)
+    missing = jnp.full([], jnp.nan, jnp.float32)
+    sam_state = sam_states[0] if sam_states else None
+    metrics = {
+        "perturbation_loss": objective,
+        "loss": sam_state.perturbed_loss if sam_state else missing,
+        "grad_norm": sam_state.perturbed_grad_norm if sam_state else missing,
+        "perturbation_grad_norm": sam_state.perturbation_grad_norm if sam_state else missing,
+        "perturbation_norm": sam_state.perturbation_norm if sam_state else missing,
+    }
+    # The gradient at w_adv is checked through its norm, which is non-finite when it is.
+    finite = _all_finite(grads) & (jnp.isfinite(metrics["grad_norm"]) | (sam_state is None))
+    return updates, new_model_state, opt_state, logits, metrics, finite
+
+  def plain_update(state, images, labels, forward, loss_rng):
+    """One pass on `loss`; the perturbation loss is reported, not differentiated."""
+
+    def only_pass(params, images, labels, index):
+      logits, new_model_state = forward(params, images, index)
+      return loss(logits, labels).mean(), (logits, new_model_state)
+
+    (objective, (logits, new_model_state)), grads = _mean_value_and_grad(
+        only_pass, state.params, images, labels, grad_accum_steps
+    )
+    grads = average(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    extra = {"key": loss_rng} if perturbation_takes_key else {}
+    metrics = {
+        "perturbation_loss": perturbation_loss(logits.reshape(-1, logits.shape[-1]), labels, **extra).mean(),
+        "loss": objective,
+        "grad_norm": _sam.global_norm(grads),
+        "perturbation_grad_norm": jnp.zeros([]),
+        "perturbation_norm": jnp.zeros([]),
+    }
+    return updates, new_model_state, opt_state, logits, metrics, _all_finite(grads)
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    images, labels = batch["image"], batch["label"]
+    if _find_states(state.opt_state, optax.MultiStepsState):
+      raise ValueError(
+          "make_train_step: optax.MultiSteps is not supported here (it would perturb with the mean"
+          " gradient and update with the last micro-batch's); accumulate gradients with"
+          " make_train_step(..., grad_accum_steps=k) instead."
+      )
+    model_rng, loss_rng = step_keys(state)
+
+    def forward(params, images, index):
+      """Training-mode logits and new model state of micro-batch `index` (the same key in both passes)."""
+      return apply_fn(params, state.model_state, images, train=True, rng=jax.random.fold_in(model_rng, index))
+
+    update = sharpness_aware_update if _calls_grad_fn(tx, state.opt_state, state.params) else plain_update
+    updates, new_model_state, opt_state, logits, metrics, finite = update(state, images, labels, forward, loss_rng)
     if grad_accum_steps > 1:
       logits = logits.reshape(-1, logits.shape[-1])
       new_model_state = jax.tree.map(lambda x: x.mean(0), new_model_state)
-    ce_loss = loss(logits, labels).mean()
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    metrics = {"ce_loss": ce_loss, "accuracy": accuracy}
-    for name, fn in extra_metrics.items():
-      extra = {"key": loss_rng} if _accepts_key(fn) else {}
-      metrics[name] = jax.lax.stop_gradient(fn(logits, labels, **extra)).mean()
-
-    if sharpness_aware:
-      if sync_perturbation:
-        grads = average(grads)
-      finite = _all_finite(grads)
-      # The perturbed pass's loss leaves tx.update through this trace-time
-      # record, so the step needs no third forward pass to report it.
-      perturbed = {}
-
-      def grad_fn(perturbed_params):
-        def second_pass(params, images, labels, index):
-          logits, _ = forward(params, images, index)
-          return loss(logits, labels).mean(), None
-
-        (perturbed["loss"], _), perturbed_grads = _mean_value_and_grad(
-            second_pass, perturbed_params, images, labels, grad_accum_steps
-        )
-        perturbed_grads = average(perturbed_grads)
-        perturbed["grad_norm"] = _sam.global_norm(perturbed_grads)
-        perturbed["finite"] = _all_finite(perturbed_grads)
-        return perturbed_grads
-
-      updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
-      finite = finite & perturbed["finite"]
-      sam_states = _find_states(opt_state, _sam.SAMState)
-      metrics.update(
-          perturbation_loss=objective,
-          loss=perturbed["loss"],
-          grad_norm=perturbed["grad_norm"],
-          perturbation_grad_norm=sam_states[0].perturbation_grad_norm if sam_states else jnp.nan,
-          perturbation_norm=sam_states[0].perturbation_norm if sam_states else jnp.nan,
-      )
-    else:
-      grads = average(grads)
-      finite = _all_finite(grads)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      extra = {"key": loss_rng} if perturbation_takes_key else {}
-      metrics.update(
-          perturbation_loss=perturbation_loss(logits, labels, **extra).mean(),
-          loss=objective,
-          grad_norm=_sam.global_norm(grads),
-          perturbation_grad_norm=jnp.zeros([]),
-          perturbation_norm=jnp.zeros([]),
-      )
+    metrics.update(first_pass_metrics(logits, labels, loss_rng))
     learning_rate = _learning_rate(opt_state)
     if learning_rate is not None:
       metrics["learning_rate"] = learning_rate
@@ -374,8 +438,7 @@ def make_train_step(
     new_state = state._replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
     return new_state, average({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
 
-  step.axis_name = axis_name
-  return step
+  return Step(step, axis_name=axis_name, returns_state=True)
 
 
 def make_eval_step(
@@ -383,7 +446,7 @@ def make_eval_step(
     *,
     loss: PerExampleLoss = _losses.cross_entropy,
     axis_name: Optional[str] = None,
-) -> Callable[[TrainState, Batch], Metrics]:
+) -> Step:
   """Builds a pure evaluation step: summed loss and correct count of a batch.
 
   ``batch["mask"]`` (optional, 1 for real examples, 0 for padding) lets the
@@ -397,7 +460,8 @@ def make_eval_step(
     axis_name: the mapped axis, or None on one device.
 
   Returns:
-    ``eval_step(state, batch) -> {"loss_sum", "correct", "count"}``, float32.
+    A :class:`Step` that returns no state, ``eval_step(state, batch) ->
+    {"loss_sum", "correct", "count"}``, float32.
   """
 
   def eval_step(state: TrainState, batch: Batch) -> Metrics:
@@ -413,6 +477,4 @@ def make_eval_step(
     }
     return metrics if axis_name is None else jax.lax.psum(metrics, axis_name)
 
-  eval_step.axis_name = axis_name
-  eval_step.returns_state = False
-  return eval_step
+  return Step(eval_step, axis_name=axis_name, returns_state=False)

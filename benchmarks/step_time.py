@@ -41,14 +41,18 @@ def parse_args(argv=None):
 
 
 def optax_contrib_aace_sam(optimizer, rho):
-  """AACE-SAM from optax.contrib.sam's opaque mode, with our one-argument grad_fn."""
+  """AACE-SAM from optax.contrib.sam's opaque mode, fed by make_train_step's grad_fn.
+
+  That grad_fn takes the parameters alone and returns (loss, gradient);
+  optax.contrib.sam calls grad_fn(params, step) and wants the gradient.
+  """
   import optax
 
   contrib = optax.contrib.sam(optimizer, optax.scale(rho), sync_period=2, opaque_mode=True)
 
   def update(updates, state, params=None, *, grad_fn, **extra_args):
     del extra_args
-    return contrib.update(updates, state, params, grad_fn=lambda w, _: grad_fn(w))
+    return contrib.update(updates, state, params, grad_fn=lambda w, _: grad_fn(w)[1])
 
   return optax.GradientTransformationExtraArgs(contrib.init, update)
 

@@ -62,6 +62,42 @@ def first_pass_batch_stats(model, variables, images):
   return updates["batch_stats"]
 
 
+def jax_mlp(params, x):
+  hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+  return hidden @ params["w2"] + params["b2"]
+
+
+def make_mlp_problem(seed=0, batch=16, features=5, hidden=7, classes=4):
+  rng = np.random.default_rng(seed)
+  params = {
+      "w1": rng.normal(size=(features, hidden)) * 0.8,
+      "b1": rng.normal(size=hidden) * 0.1,
+      "w2": rng.normal(size=(hidden, classes)) * 0.8,
+      "b2": rng.normal(size=classes) * 0.1,
+  }
+  x = rng.normal(size=(batch, features))
+  y = rng.integers(0, classes, size=batch)
+  return params, x, y
+
+
+def run_library(tx, params, x, y, steps, perturbation_loss):
+  def batch_loss(params, fn):
+    return fn(jax_mlp(params, x), y).mean()
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(batch_loss)(params, perturbation_loss)
+    updates, state = tx.update(
+        grads, state, params, grad_fn=jax.grad(lambda w: batch_loss(w, aace_jax.cross_entropy))
+    )
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state
+
+
 def free_port() -> int:
   """A free TCP port on the loopback interface, for a jax.distributed coordinator."""
   with socket.socket() as s:

@@ -1,4 +1,4 @@
-"""One process of the multi-host test: 3 AACE-SAM steps of `shard_train_step` over 8 CPU devices.
+"""One process of the multi-host test: 3 AACE-SAM steps of `shard_step` over 8 CPU devices.
 
 Usage: python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz
 The 8 devices are split evenly over the processes; each process feeds only
@@ -29,7 +29,7 @@ from tests.helpers import make_batch, mlp_apply, mlp_params  # noqa: E402
 assert jax.device_count() == 8, jax.devices()
 mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
 tx = aace_jax.aace_sam(optax.sgd(0.1, momentum=0.9), 0.2)
-step = aace_jax.shard_train_step(aace_jax.make_train_step(mlp_apply, tx, axis_name="data"), mesh)
+step = aace_jax.shard_step(aace_jax.make_train_step(mlp_apply, tx, axis_name="data"), mesh)
 state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
 state = aace_jax.replicate_on_mesh(state, mesh)
 

@@ -1,4 +1,4 @@
-"""`aace_sam` and `sam` against the authors' update restated in NumPy, and as optax citizens."""
+"""`aace_sam` and `sam` against the authors' update restated in NumPy, and composed with the rest of Optax."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,9 @@ import optax
 import pytest
 
 import aace_jax
+from tests.helpers import jax_mlp
+from tests.helpers import make_mlp_problem
+from tests.helpers import run_library
 
 # ---------------------------------------------------------------------------
 # A NumPy restatement of the authors' step (method.md), float64, by hand.
@@ -59,42 +62,6 @@ def np_authors_training(params, x, y, steps, rho, *, perturbation_loss, ascent, 
   return params, grad_norm, np.sqrt(sum(np.sum(v**2) for v in e.values()))
 
 
-def jax_mlp(params, x):
-  hidden = jnp.tanh(x @ params["w1"] + params["b1"])
-  return hidden @ params["w2"] + params["b2"]
-
-
-def make_mlp_problem(seed=0, batch=16, features=5, hidden=7, classes=4):
-  rng = np.random.default_rng(seed)
-  params = {
-      "w1": rng.normal(size=(features, hidden)) * 0.8,
-      "b1": rng.normal(size=hidden) * 0.1,
-      "w2": rng.normal(size=(hidden, classes)) * 0.8,
-      "b2": rng.normal(size=classes) * 0.1,
-  }
-  x = rng.normal(size=(batch, features))
-  y = rng.integers(0, classes, size=batch)
-  return params, x, y
-
-
-def run_library(tx, params, x, y, steps, perturbation_loss):
-  def batch_loss(params, fn):
-    return fn(jax_mlp(params, x), y).mean()
-
-  @jax.jit
-  def step(params, state):
-    grads = jax.grad(batch_loss)(params, perturbation_loss)
-    updates, state = tx.update(
-        grads, state, params, grad_fn=jax.grad(lambda w: batch_loss(w, aace_jax.cross_entropy))
-    )
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  for _ in range(steps):
-    params, state = step(params, state)
-  return params, state
-
-
 def base_optimizer():
   return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
 
@@ -134,35 +101,6 @@ def test_parameters_actually_move():
   assert np.abs(expected["w1"] - params["w1"]).max() > 1e-3
 
 
-def test_equivalent_to_optax_contrib_sam_opaque_mode():
-  params, x, y = make_mlp_problem(seed=1)
-  params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
-  ours, _ = run_library(
-      aace_jax.aace_sam(base_optimizer(), 0.2), params, x, y, 10, aace_jax.aace_cross_entropy
-  )
-  contrib = optax.contrib.sam(
-      base_optimizer(), optax.scale(0.2), sync_period=2, opaque_mode=True
-  )
-
-  def batch_loss(params, fn):
-    return fn(jax_mlp(params, x), y).mean()
-
-  @jax.jit
-  def step(params, state):
-    grads = jax.grad(batch_loss)(params, aace_jax.aace_cross_entropy)
-    grad_fn = lambda w, _: jax.grad(batch_loss)(w, aace_jax.cross_entropy)
-    updates, state = contrib.update(grads, state, params, grad_fn=grad_fn)
-    return optax.apply_updates(params, updates), state
-
-  state = contrib.init(params)
-  theirs = params
-  for _ in range(10):
-    theirs, state = step(theirs, state)
-  for k in ours:
-    np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6, err_msg=k)
-  assert np.abs(ours["w2"] - params["w2"]).max() > 1e-3
-
-
 # ---------------------------------------------------------------------------
 # Numerical safety and dtypes.
 # ---------------------------------------------------------------------------
@@ -186,6 +124,7 @@ def test_zero_gradient_gives_zero_perturbation(make, eps):
   np.testing.assert_array_equal(updates["a"], -np.ones(3))
 
 
+@pytest.mark.filterwarnings("ignore:.*rounded to their dtype")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_dtypes_are_preserved(dtype, normalize):
@@ -208,137 +147,142 @@ def test_dtypes_are_preserved(dtype, normalize):
 
 
 # ---------------------------------------------------------------------------
-# Optax citizenship: one shared suite over every configuration.
+# Composition with the rest of Optax.
 # ---------------------------------------------------------------------------
 
-CONFIGS = {
-    "aace_sam": (lambda opt: aace_jax.aace_sam(opt, 0.05), "aace"),
-    "aace_sam_normalized": (lambda opt: aace_jax.aace_sam(opt, 0.05, normalize=True), "aace"),
-    "aace_sam_adaptive": (lambda opt: aace_jax.aace_sam(opt, 0.05, adaptive=True), "aace"),
-    "sam": (lambda opt: aace_jax.sam(opt, 0.05), "ce"),
-    "asam": (lambda opt: aace_jax.sam(opt, 0.5, adaptive=True), "ce"),
-    "aace_sam_in_chain": (
-        lambda opt: optax.chain(optax.clip_by_global_norm(1e6), aace_jax.aace_sam(opt, 0.05)),
-        "aace",
-    ),
-}
 
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_converges_on_quadratic(config):
-  make, _ = CONFIGS[config]
-  target = jnp.array([1.0, -2.0, 0.5])
-  loss = lambda w: jnp.sum((w - target) ** 2)
-  tx = make(optax.sgd(0.1))
-
-  @jax.jit
-  def step(w, state):
-    updates, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
-    return optax.apply_updates(w, updates), state
-
-  w = jnp.array([0.3, 0.2, 0.1])  # nonzero everywhere so ASAM's T = |w| can move it
-  state = tx.init(w)
-  for _ in range(200):
-    w, state = step(w, state)
-  assert loss(w) < 1e-2, (config, w)
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_converges_on_logistic_regression(config):
-  make, perturbation = CONFIGS[config]
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(200, 2))
-  y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int32)
-  fn = aace_jax.aace_cross_entropy if perturbation == "aace" else aace_jax.cross_entropy
-
-  def loss(params, fn):
-    logits = x @ params["w"] + params["b"]
-    return fn(logits, y).mean()
-
-  tx = make(optax.sgd(0.5))
-  params = {"w": jnp.full((2, 2), 0.1), "b": jnp.array([0.1, -0.1])}
-
-  @jax.jit
-  def step(params, state):
-    updates, state = tx.update(
-        jax.grad(loss)(params, fn), state, params,
-        grad_fn=lambda w: jax.grad(loss)(w, aace_jax.cross_entropy),
-    )
-    return optax.apply_updates(params, updates), state
-
-  state = tx.init(params)
-  initial = loss(params, aace_jax.cross_entropy)
-  for _ in range(300):
-    params, state = step(params, state)
-  accuracy = np.mean(np.argmax(x @ params["w"] + params["b"], -1) == y)
-  assert loss(params, aace_jax.cross_entropy) < 0.5 * initial
-  assert accuracy >= 0.95, (config, accuracy)
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_no_recompilation(config):
-  make, _ = CONFIGS[config]
-  tx = make(optax.sgd(0.1, momentum=0.9))
-  traces = []
-  loss = lambda w: jnp.sum(w**2)
-
-  @jax.jit
-  def step(w, state):
-    traces.append(1)
-    updates, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
-    return optax.apply_updates(w, updates), state
-
-  w = jnp.ones(3)
-  state = tx.init(w)
-  for _ in range(3):
-    w, state = step(w, state)
-  assert len(traces) == 1
-
-
-def test_inject_hyperparams_schedules_rho_and_learning_rate():
-  rho_schedule = optax.linear_schedule(0.0, 0.3, transition_steps=4)
-  lr_schedule = optax.piecewise_constant_schedule(0.1, {2: 0.2})
-  tx = optax.inject_hyperparams(aace_jax.aace_sam)(
-      optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=lr_schedule), rho=rho_schedule
-  )
-  a = jnp.array([1.0, 3.0])
-  grad = lambda w: a * w  # of 0.5 * sum(a w^2)
-
-  @jax.jit
-  def step(w, state):
-    updates, state = tx.update(grad(w), state, w, grad_fn=grad)
-    return optax.apply_updates(w, updates), state
-
-  w = jnp.array([1.0, -1.0])
-  state = tx.init(w)
-  expected = np.array([1.0, -1.0])
-  for t in range(5):
-    rho_t = 0.3 * min(t, 4) / 4
-    lr_t = 0.1 if t < 2 else 0.02
-    expected = expected - lr_t * np.array([1.0, 3.0]) * (expected - rho_t * np.array([1.0, 3.0]) * expected)
-    w, state = step(w, state)
-    np.testing.assert_allclose(state.hyperparams["rho"], rho_t, rtol=1e-6)
-  np.testing.assert_allclose(w, expected, rtol=1e-5)
-
-
-def test_inside_multisteps_accumulates_the_perturbation_gradient():
-  # k = 2 micro-batches: the perturbation uses the mean of both perturbation
-  # gradients; grad_fn is called with the micro-batch of the emitting call.
-  tx = optax.MultiSteps(aace_jax.aace_sam(optax.sgd(0.1), 0.5), every_k_schedule=2)
+def test_multisteps_and_masked_are_refused_with_a_pointer():
   w = jnp.array([1.0, 2.0])
-  state = tx.init(w)
-  pert_grads = [jnp.array([1.0, 0.0]), jnp.array([0.0, 3.0])]
-  train_scales = [jnp.array([2.0, 2.0]), jnp.array([1.0, -1.0])]
+  multi = optax.MultiSteps(aace_jax.aace_sam(optax.sgd(0.1), 0.5), every_k_schedule=2)
+  with pytest.raises(ValueError, match=r"inside optax.MultiSteps.*grad_accum_steps"):
+    multi.update(w, multi.init(w), w, grad_fn=lambda v: v)
+  params = {"w": w, "b": jnp.ones(())}
+  masked = optax.masked(aace_jax.sam(optax.sgd(0.1)), {"w": True, "b": False})
+  with pytest.raises(TypeError, match=r"optax.masked.*perturb_mask="):
+    masked.update(params, masked.init(params), params, grad_fn=lambda v: v)
 
-  updates, state = tx.update(pert_grads[0], state, w, grad_fn=lambda v: train_scales[0] * v)
+
+@pytest.mark.parametrize("as_function", [False, True])
+def test_perturb_mask_leaves_unmasked_parameters_at_w(as_function):
+  # loss = 0.5 * (a w^2 + c b^2): g = (a w, c b). Only w is perturbed, so with
+  # normalization e_w = rho * a w / |a w| and the update of b uses c * b.
+  params = {"w": jnp.array([3.0, -4.0]), "b": jnp.array(2.0)}
+  mask = {"w": True, "b": False}
+  a, c, rho = 2.0, 5.0, 0.5
+  grad = lambda p: {"w": a * p["w"], "b": c * p["b"]}
+  tx = aace_jax.sam(optax.sgd(1.0), rho, perturb_mask=(lambda p: mask) if as_function else mask)
+  seen = []
+
+  def grad_fn(p):
+    seen.append(p)
+    return grad(p)
+
+  updates, state = tx.update(grad(params), tx.init(params), params, grad_fn=grad_fn)
+  e_w = rho * np.array([6.0, -8.0]) / 10.0
+  np.testing.assert_allclose(seen[0]["w"], [3.0, -4.0] + e_w, rtol=1e-6)
+  assert float(seen[0]["b"]) == 2.0
+  np.testing.assert_allclose(updates["w"], -a * (np.array([3.0, -4.0]) + e_w), rtol=1e-6)
+  np.testing.assert_allclose(updates["b"], -c * 2.0, rtol=1e-6)
+  np.testing.assert_allclose(state.perturbation_grad_norm, 10.0, rtol=1e-6)  # |g_w|, b left out
+  np.testing.assert_allclose(state.perturbation_norm, rho, rtol=1e-6)
+
+
+def test_perturb_mask_errors_name_the_bad_value():
+  params = {"w": jnp.ones(2), "b": jnp.ones(())}
+  with pytest.raises(TypeError, match=r"Python bools.*got 1 at \['w'\]"):
+    aace_jax.aace_sam(optax.sgd(0.1), perturb_mask={"w": 1, "b": True})
+  tx = aace_jax.aace_sam(optax.sgd(0.1), perturb_mask={"x": True})
+  with pytest.raises(ValueError, match="perturb_mask must have the structure of params"):
+    tx.update(params, tx.init(params), params, grad_fn=lambda p: p)
+
+
+def _quadratic_problem():
+  a = jnp.array([1.0, 3.0])
+  loss = lambda w: 0.5 * jnp.sum(a * w**2)
+  return a, loss, jnp.array([1.0, -1.0])
+
+
+@pytest.mark.parametrize(
+    "form", ["grad", "value_and_grad", "value_and_grad_has_aux", "grad_has_aux"]
+)
+def test_grad_fn_may_return_the_loss_without_a_third_pass(form):
+  a, loss, w = _quadratic_problem()
+  with_aux = lambda v: (loss(v), {"anything": jnp.ones(3)})
+  grad_fn = {
+      "grad": jax.grad(loss),
+      "value_and_grad": jax.value_and_grad(loss),
+      "value_and_grad_has_aux": jax.value_and_grad(with_aux, has_aux=True),
+      "grad_has_aux": jax.grad(with_aux, has_aux=True),
+  }[form]
+  tx = aace_jax.aace_sam(optax.sgd(0.1), 0.2)
+  updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(a * w, tx.init(w), w)
+  w_adv = np.array([1.0, -1.0]) - 0.2 * np.array([1.0, -3.0])  # w - rho * a w
+  np.testing.assert_allclose(updates, -0.1 * np.array([1.0, 3.0]) * w_adv, rtol=1e-6)
+  np.testing.assert_allclose(state.perturbed_grad_norm, np.linalg.norm(np.array([1.0, 3.0]) * w_adv), rtol=1e-6)
+  if form.startswith("value_and_grad"):
+    np.testing.assert_allclose(state.perturbed_loss, 0.5 * np.sum(np.array([1.0, 3.0]) * w_adv**2), rtol=1e-6)
+  else:
+    assert np.isnan(state.perturbed_loss)
+
+
+@pytest.mark.parametrize(
+    "returned, match",
+    [
+        (lambda w: {"w": w}, r"structure and shapes of params"),
+        (lambda w: w[:1], r"shapes \[\(1,\)\]"),
+        (lambda w: (jnp.ones(2), w), r"value of shape \(2,\)"),
+    ],
+)
+def test_grad_fn_of_another_shape_is_a_clear_error(returned, match):
+  w = jnp.ones(2)
+  tx = aace_jax.aace_sam(optax.sgd(0.1))
+  with pytest.raises(ValueError, match=match):
+    tx.update(w, tx.init(w), w, grad_fn=returned)
+
+
+def test_clipping_before_acts_on_the_perturbation_and_inside_on_the_update():
+  a, loss, w = _quadratic_problem()
+  g = a * w  # (1, -3), norm sqrt(10)
+  clipped = lambda v: v * min(1.0, 1.0 / np.linalg.norm(v))
+  grad_fn = jax.grad(loss)
+
+  before = optax.chain(optax.clip_by_global_norm(1.0), aace_jax.aace_sam(optax.sgd(1.0), 0.2))
+  updates, _ = before.update(g, before.init(w), w, grad_fn=grad_fn)
+  w_adv = np.array([1.0, -1.0]) - 0.2 * clipped(np.array([1.0, -3.0]))
+  np.testing.assert_allclose(updates, -np.array([1.0, 3.0]) * w_adv, rtol=1e-6)
+
+  inside = aace_jax.aace_sam(optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(1.0)), 0.2)
+  updates, _ = inside.update(g, inside.init(w), w, grad_fn=grad_fn)
+  w_adv = np.array([1.0, -1.0]) - 0.2 * np.array([1.0, -3.0])
+  np.testing.assert_allclose(updates, -clipped(np.array([1.0, 3.0]) * w_adv), rtol=1e-6)
+
+
+def test_apply_if_finite_inside_sees_the_gradient_at_w_adv():
+  w = jnp.array([1.0, 2.0])
+  nan_at_w_adv = lambda v: jnp.where(jnp.all(v == w), 1.0, jnp.nan) * v
+  outside = optax.apply_if_finite(aace_jax.aace_sam(optax.sgd(0.1), 0.2), 3)
+  updates, state = outside.update(w, outside.init(w), w, grad_fn=nan_at_w_adv)
+  assert np.isnan(updates).all() and int(state.total_notfinite) == 0  # the documented trap
+
+  inside = aace_jax.aace_sam(optax.apply_if_finite(optax.sgd(0.1), 3), 0.2)
+  updates, state = inside.update(w, inside.init(w), w, grad_fn=nan_at_w_adv)
   np.testing.assert_array_equal(updates, [0.0, 0.0])
-  w = optax.apply_updates(w, updates)
-  updates, state = tx.update(pert_grads[1], state, w, grad_fn=lambda v: train_scales[1] * v)
-  w_adv = np.array([1.0, 2.0]) - 0.5 * np.array([0.5, 1.5])
-  np.testing.assert_allclose(updates, -0.1 * np.array([1.0, -1.0]) * w_adv, rtol=1e-6)
-  np.testing.assert_allclose(
-      state.inner_opt_state.perturbation_grad_norm, np.hypot(0.5, 1.5), rtol=1e-6
-  )
+  assert int(state.inner_state.total_notfinite) == 1
+
+
+def test_low_precision_parameters_warn_and_report_the_applied_perturbation():
+  w = jnp.full((4,), 256.0, jnp.bfloat16)  # bfloat16 spacing at 256 is 2
+  tx = aace_jax.aace_sam(optax.sgd(0.1), 0.05)
+  seen = []
+
+  def grad_fn(v):
+    seen.append(v)
+    return v
+
+  with pytest.warns(UserWarning, match=r"bfloat16 hold w_adv = w \+ e rounded"):
+    _, state = tx.update(jnp.ones(4, jnp.bfloat16), tx.init(w), w, grad_fn=grad_fn)
+  np.testing.assert_array_equal(np.asarray(seen[0], np.float32), np.full(4, 256.0))
+  assert float(state.perturbation_norm) == 0.0  # rho * |g| = 0.1 was asked, nothing applied
 
 
 def test_batch_axis_name_averages_both_gradients():

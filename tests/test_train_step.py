@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import aace_jax
 from tests.helpers import BatchNormNet, first_pass_batch_stats, hand_step, make_batch, mlp_apply, mlp_params
@@ -90,6 +89,34 @@ def test_plain_optimizer_is_one_pass_sgd_and_reports_learning_rate():
   assert metrics["perturbation_norm"] == 0
 
 
+def test_learning_rate_of_an_injected_optimizer_inside_an_injected_sam():
+  # The README's form for scheduling rho and the learning rate together.
+  tx = optax.inject_hyperparams(aace_jax.aace_sam)(
+      optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=optax.linear_schedule(0.3, 0.0, 3)), rho=0.1
+  )
+  state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
+  step = jax.jit(aace_jax.make_train_step(mlp_apply, tx))
+  rates = []
+  for _ in range(2):
+    state, metrics = step(state, make_batch())
+    rates.append(float(metrics["learning_rate"]))
+  np.testing.assert_allclose(rates, [0.3, 0.2], rtol=1e-6)  # the rate each step used
+
+
+def test_steps_carry_what_the_parallel_wrappers_read():
+  train_step = aace_jax.make_train_step(mlp_apply, optax.sgd(0.1), axis_name="data")
+  eval_step = aace_jax.make_eval_step(mlp_apply, axis_name="data")
+  assert (train_step.axis_name, train_step.returns_state) == ("data", True)
+  assert (eval_step.axis_name, eval_step.returns_state) == ("data", False)
+  with pytest.raises(TypeError, match=r"must be an aace_jax.Step.*Step\(fn, axis_name="):
+    aace_jax.pmap_step(lambda state, batch: batch, axis_name="data")
+  with pytest.raises(ValueError, match="built with axis_name=None"):
+    aace_jax.pmap_step(aace_jax.make_eval_step(mlp_apply))
+  own = aace_jax.Step(lambda state, batch: {"n": jax.lax.psum(1.0, "data")}, axis_name="data", returns_state=False)
+  out = aace_jax.pmap_step(own)(jnp.zeros((jax.local_device_count(),)), jnp.zeros((jax.local_device_count(), 2)))
+  np.testing.assert_array_equal(out["n"], np.full(jax.local_device_count(), float(jax.local_device_count())))
+
+
 def test_sharpness_aware_step_is_two_passes_traced_once_without_host_transfers():
   tx = aace_jax.aace_sam(optax.sgd(0.1), 0.2)
   calls = []
@@ -138,37 +165,6 @@ def test_batchnorm_statistics_come_from_the_first_pass_only():
   assert np.abs(second_mean - first_pass["BatchNorm_0"]["mean"]).max() > 1e-4
 
 
-def test_flax_nnx_model_through_split_and_merge():
-  class Net(nnx.Module):
-    def __init__(self, rngs):
-      self.dense = nnx.Linear(12, 8, rngs=rngs)
-      self.norm = nnx.BatchNorm(8, momentum=0.9, rngs=rngs)
-      self.head = nnx.Linear(8, 5, rngs=rngs)
-
-    def __call__(self, x):
-      return self.head(nnx.relu(self.norm(self.dense(x))))
-
-  graphdef, params, batch_stats = nnx.split(Net(nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
-
-  def apply_fn(params, model_state, images, *, train, rng):
-    del rng
-    model = nnx.merge(graphdef, params, model_state, copy=True)
-    model.train() if train else model.eval()
-    logits = model(images)
-    return logits, nnx.state(model, nnx.BatchStat)
-
-  tx = aace_jax.aace_sam(optax.sgd(0.5), 0.2)
-  state = aace_jax.TrainState.create(params=params, model_state=batch_stats, tx=tx, rng=jax.random.key(0))
-  step = jax.jit(aace_jax.make_train_step(apply_fn, tx))
-  batch = make_batch()
-  state, first = step(state, batch)
-  for _ in range(30):
-    state, metrics = step(state, batch)
-  assert metrics["ce_loss"] < 0.8 * first["ce_loss"]
-  # BatchNorm's running mean moved off its initial zeros.
-  assert np.abs(np.asarray(state.model_state["norm"]["mean"][...])).max() > 0
-
-
 def test_eval_step_counts_masked_batches():
   params = mlp_params()
   batch = make_batch(n=8)
@@ -188,7 +184,7 @@ def test_bad_step_arguments():
     aace_jax.make_train_step(mlp_apply, optax.sgd(0.1), sync_perturbation="no")
   step = aace_jax.make_train_step(mlp_apply, optax.sgd(0.1), axis_name="batch")
   with pytest.raises(ValueError, match="axis_name='batch' but is mapped over 'data'"):
-    aace_jax.pmap_train_step(step, axis_name="data")
+    aace_jax.pmap_step(step, axis_name="data")
 
 
 @pytest.mark.parametrize("method", ["sgd", "aace_sam", "sam"])

@@ -4,7 +4,7 @@ Reads top to bottom: configuration checks, the optimizer and schedule, the
 compilation cache, the device-side steps and the epoch's running totals, the
 experiment (data, model, jitted steps), then the loop. The step is
 `aace_jax.make_train_step`, run over a data mesh of every device with
-`aace_jax.shard_train_step`, inside one jitted function that also augments
+`aace_jax.shard_step`, inside one jitted function that also augments
 and normalizes the batch (`train/augment.py`) and adds the step's metrics to
 the epoch's totals: the host only gathers stored images and labels and
 transfers them a few steps ahead, or, with `data_on_device`, sends nothing at
@@ -436,7 +436,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
 
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   batch_sharding = NamedSharding(mesh, P("data"))
-  sharded_train_step = aace_jax.shard_train_step(
+  sharded_train_step = aace_jax.shard_step(
       aace_jax.make_train_step(
           apply_fn, tx, perturbation_loss=perturbation_loss, loss=loss, axis_name="data",
           sync_perturbation=config.sync_perturbation, grad_accum_steps=config.grad_accum_steps,
@@ -444,7 +444,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
       ),
       mesh,
   )
-  sharded_eval_step = aace_jax.shard_train_step(aace_jax.make_eval_step(apply_fn, loss=loss, axis_name="data"), mesh)
+  sharded_eval_step = aace_jax.shard_step(aace_jax.make_eval_step(apply_fn, loss=loss, axis_name="data"), mesh)
   host_fed_step, resident_step, eval_step = make_device_steps(
       sharded_train_step, sharded_eval_step, data, seed=config.seed, batch_sharding=batch_sharding
   )

@@ -32,7 +32,7 @@ def data_mesh():
 
 
 def run_pmap(step_kwargs, tx, state, batch, steps, apply_fn=mlp_apply):
-  step = aace_jax.pmap_train_step(aace_jax.make_train_step(apply_fn, tx, axis_name="batch", **step_kwargs))
+  step = aace_jax.pmap_step(aace_jax.make_train_step(apply_fn, tx, axis_name="batch", **step_kwargs))
   state = aace_jax.replicate(state)
   per_device = jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), batch)
   for _ in range(steps):
@@ -42,7 +42,7 @@ def run_pmap(step_kwargs, tx, state, batch, steps, apply_fn=mlp_apply):
 
 def run_shard(step_kwargs, tx, state, batch, steps, apply_fn=mlp_apply):
   mesh = data_mesh()
-  step = aace_jax.shard_train_step(aace_jax.make_train_step(apply_fn, tx, axis_name="data", **step_kwargs), mesh)
+  step = aace_jax.shard_step(aace_jax.make_train_step(apply_fn, tx, axis_name="data", **step_kwargs), mesh)
   # The step donates the state: place a copy, keep the caller's arrays alive.
   state = jax.device_put(jax.tree.map(jnp.copy, state), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
@@ -144,8 +144,8 @@ def test_parallel_eval_sums_equal_single_device():
   batch["mask"] = (jnp.arange(BATCH) < 60).astype(jnp.float32)
   state = aace_jax.TrainState.create(params=params, tx=optax.sgd(0.1), rng=jax.random.key(0))
   single = jax.jit(aace_jax.make_eval_step(mlp_apply))(state, batch)
-  sharded = aace_jax.shard_train_step(aace_jax.make_eval_step(mlp_apply, axis_name="data"), data_mesh())(state, batch)
-  pmapped = aace_jax.pmap_train_step(aace_jax.make_eval_step(mlp_apply, axis_name="batch"))(
+  sharded = aace_jax.shard_step(aace_jax.make_eval_step(mlp_apply, axis_name="data"), data_mesh())(state, batch)
+  pmapped = aace_jax.pmap_step(aace_jax.make_eval_step(mlp_apply, axis_name="batch"))(
       aace_jax.replicate(state), jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), batch)
   )
   for k in single:
