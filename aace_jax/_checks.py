@@ -21,8 +21,8 @@ def check_in_range(owner: str, name: str, value, low: float, high: float):
   """Raises `ValueError` unless `low <= value <= high` (when concrete)."""
   if callable(value):
     raise TypeError(
-        f"{owner}: {name} must be a number, got the callable {value!r}; wrap"
-        " the transformation in optax.inject_hyperparams to schedule it."
+      f"{owner}: {name} must be a number, got the callable {value!r}; wrap"
+      " the transformation in optax.inject_hyperparams to schedule it."
     )
   if not is_concrete(value):
     return

@@ -22,17 +22,13 @@ def _check_logits_and_labels(owner: str, logits, labels) -> tuple[jax.Array, jax
   if not jnp.issubdtype(logits.dtype, jnp.floating):
     raise TypeError(f"{owner}: logits must be floating point, got dtype {logits.dtype}.")
   if logits.ndim < 1 or logits.shape[-1] < 2:
-    raise ValueError(
-        f"{owner}: logits need a class axis of at least 2 classes, got shape {logits.shape}."
-    )
+    raise ValueError(f"{owner}: logits need a class axis of at least 2 classes, got shape {logits.shape}.")
   if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(
-        f"{owner}: labels must be integer class indices, got dtype {labels.dtype}."
-    )
+    raise TypeError(f"{owner}: labels must be integer class indices, got dtype {labels.dtype}.")
   if labels.shape != logits.shape[:-1]:
     raise ValueError(
-        f"{owner}: labels of shape {labels.shape} do not match logits of shape"
-        f" {logits.shape}; expected labels of shape {logits.shape[:-1]}."
+      f"{owner}: labels of shape {labels.shape} do not match logits of shape"
+      f" {logits.shape}; expected labels of shape {logits.shape[:-1]}."
     )
   return logits, labels
 
@@ -93,19 +89,17 @@ def cross_entropy(logits, labels, *, label_smoothing: float = 0.0) -> jax.Array:
   num_classes = logits.shape[-1]
   dtype = _compute_dtype(logits.dtype)
   one_hot = _one_hot_or_nan(labels, num_classes, dtype)
-  targets = one_hot * (1 - label_smoothing) + (1 - one_hot) * (
-      label_smoothing / (num_classes - 1)
-  )
+  targets = one_hot * (1 - label_smoothing) + (1 - one_hot) * (label_smoothing / (num_classes - 1))
   return _soft_cross_entropy(logits.astype(dtype), targets).astype(logits.dtype)
 
 
 def aace_targets(
-    logits,
-    labels,
-    *,
-    threshold: float = 0.0,
-    mode: str = "ada",
-    key: Optional[jax.Array] = None,
+  logits,
+  labels,
+  *,
+  threshold: float = 0.0,
+  mode: str = "ada",
+  key: Optional[jax.Array] = None,
 ) -> jax.Array:
   r"""Adaptive adversarial soft targets :math:`q` of AACE (gradient stopped).
 
@@ -176,12 +170,12 @@ def _adversarial_targets(owner, logits, labels, threshold, mode, key) -> jax.Arr
 
 
 def aace_cross_entropy(
-    logits,
-    labels,
-    *,
-    threshold: float = 0.0,
-    mode: str = "ada",
-    key: Optional[jax.Array] = None,
+  logits,
+  labels,
+  *,
+  threshold: float = 0.0,
+  mode: str = "ada",
+  key: Optional[jax.Array] = None,
 ) -> jax.Array:
   r"""Per-example adaptive adversarial cross-entropy (AACE) loss.
 
@@ -229,12 +223,12 @@ def aace_cross_entropy(
 
 
 def aace_kl_divergence(
-    logits,
-    labels,
-    *,
-    threshold: float = 0.0,
-    mode: str = "ada",
-    key: Optional[jax.Array] = None,
+  logits,
+  labels,
+  *,
+  threshold: float = 0.0,
+  mode: str = "ada",
+  key: Optional[jax.Array] = None,
 ) -> jax.Array:
   r"""Per-example :math:`\mathrm{KL}(q \| p)`: the AACE value the authors compute and log.
 
@@ -326,6 +320,6 @@ def check_labels(labels, num_classes: int) -> None:
     index = tuple(int(i) for i in np.argwhere(bad)[0])
     where = index[0] if len(index) == 1 else index
     raise ValueError(
-        f"labels[{where}] = {labels[index]} is outside [0, {num_classes})"
-        f" ({int(bad.sum())} of {labels.size} labels out of range)."
+      f"labels[{where}] = {labels[index]} is outside [0, {num_classes})"
+      f" ({int(bad.sum())} of {labels.size} labels out of range)."
     )

@@ -15,7 +15,9 @@ come from the first pass, and the second pass uses the first pass's dropout
 mask.
 """
 
-from typing import Any, Callable, Optional
+from typing import Any
+from typing import Callable
+from typing import Optional
 
 import jax
 
@@ -123,11 +125,11 @@ def nnx_apply_fn(graphdef, *, wrt: Any = None):
 
 
 def nnx_sharpness_aware_grads(
-    model,
-    perturbation_loss_fn: Callable[[Any], jax.Array],
-    loss_fn: Callable[[Any], jax.Array],
-    *,
-    wrt: Any = None,
+  model,
+  perturbation_loss_fn: Callable[[Any], jax.Array],
+  loss_fn: Callable[[Any], jax.Array],
+  *,
+  wrt: Any = None,
 ) -> tuple[Any, Callable[[Any], tuple[jax.Array, Any]]]:
   r"""The first pass of a SAM/AACE-SAM step on an NNX model, and the ``grad_fn`` of the second.
 

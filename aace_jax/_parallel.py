@@ -7,7 +7,8 @@ scales from one GPU to a multi-host pod with global arrays. Both take a
 `Step` (train or eval) and read its `axis_name` and `returns_state`.
 """
 
-from typing import Callable, Optional
+from typing import Callable
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,18 +24,18 @@ def _mapped_axis(owner: str, step: Step, axis: Optional[str]) -> str:
   """The axis to map over: `axis`, or the step's own; they must agree."""
   if not isinstance(step, Step):
     raise TypeError(
-        f"{owner}: step must be an aace_jax.Step (make_train_step and make_eval_step return one),"
-        f" got {step!r}; wrap a function of your own as Step(fn, axis_name=..., returns_state=...)."
+      f"{owner}: step must be an aace_jax.Step (make_train_step and make_eval_step return one),"
+      f" got {step!r}; wrap a function of your own as Step(fn, axis_name=..., returns_state=...)."
     )
   if step.axis_name is None:
     raise ValueError(
-        f"{owner}: the step was built with axis_name=None and would not average over devices;"
-        " build it with make_train_step(..., axis_name=...)."
+      f"{owner}: the step was built with axis_name=None and would not average over devices;"
+      " build it with make_train_step(..., axis_name=...)."
     )
   if axis is not None and axis != step.axis_name:
     raise ValueError(
-        f"{owner}: the step averages over axis_name={step.axis_name!r} but is mapped over"
-        f" {axis!r}; build it with make_train_step(..., axis_name={axis!r})."
+      f"{owner}: the step averages over axis_name={step.axis_name!r} but is mapped over"
+      f" {axis!r}; build it with make_train_step(..., axis_name={axis!r})."
     )
   return step.axis_name
 
@@ -82,11 +83,11 @@ def shard_step(step: Step, mesh: Mesh, data_axis: Optional[str] = None) -> Calla
   if axis not in mesh.axis_names:
     raise ValueError(f"shard_step: mesh axes {mesh.axis_names} have no {axis!r}.")
   mapped = jax.shard_map(
-      step.fn,
-      mesh=mesh,
-      in_specs=(P(), P(axis)),
-      out_specs=(P(), P()) if step.returns_state else P(),
-      check_vma=False,
+    step.fn,
+    mesh=mesh,
+    in_specs=(P(), P(axis)),
+    out_specs=(P(), P()) if step.returns_state else P(),
+    check_vma=False,
   )
   compiled = jax.jit(mapped, donate_argnums=(0,) if step.returns_state else ())
   replicated = NamedSharding(mesh, P())
@@ -104,9 +105,7 @@ def replicate(tree, devices=None):
   """Copies a pytree to each local device, stacked on a leading device axis, for ``jax.pmap``."""
   devices = jax.local_devices() if devices is None else list(devices)
   sharding = NamedSharding(Mesh(np.array(devices), ("device",)), P("device"))
-  return jax.tree.map(
-      lambda x: jax.device_put(jnp.broadcast_to(x, (len(devices),) + jnp.shape(x)), sharding), tree
-  )
+  return jax.tree.map(lambda x: jax.device_put(jnp.broadcast_to(x, (len(devices),) + jnp.shape(x)), sharding), tree)
 
 
 def replicate_on_mesh(tree, mesh: Mesh):

@@ -8,7 +8,11 @@ loss the caller differentiates, the direction of the step and its scaling.
 
 import sys
 import warnings
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
+from typing import Optional
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -71,9 +75,9 @@ def _refuse_wrappers(owner: str, params) -> None:
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
   if any(is_masked(x) for x in jax.tree.leaves(params, is_leaf=is_masked)):
     raise TypeError(
-        f"{owner} cannot run inside optax.masked: grad_fn would receive a partial tree and the"
-        f" parameters outside the mask would be moved by the raw first-pass gradient. To perturb only"
-        f" some parameters, pass {owner}(..., perturb_mask=mask) instead."
+      f"{owner} cannot run inside optax.masked: grad_fn would receive a partial tree and the"
+      f" parameters outside the mask would be moved by the raw first-pass gradient. To perturb only"
+      f" some parameters, pass {owner}(..., perturb_mask=mask) instead."
     )
   # optax.MultiSteps calls this update once per micro-batch with the running
   # mean of the perturbation gradients, and keeps the update of the last call:
@@ -86,10 +90,10 @@ def _refuse_wrappers(owner: str, params) -> None:
       break
     if isinstance(frame.f_locals.get("self"), optax.MultiSteps):
       raise ValueError(
-          f"{owner} cannot run inside optax.MultiSteps: the update would use the perturbation of the"
-          " accumulated gradient but the gradient at w_adv of the last micro-batch only. Accumulate"
-          " with make_train_step(..., grad_accum_steps=k), or average your micro-batches' gradients"
-          " yourself in both the first pass and grad_fn."
+        f"{owner} cannot run inside optax.MultiSteps: the update would use the perturbation of the"
+        " accumulated gradient but the gradient at w_adv of the last micro-batch only. Accumulate"
+        " with make_train_step(..., grad_accum_steps=k), or average your micro-batches' gradients"
+        " yourself in both the first pass and grad_fn."
       )
     frame = frame.f_back
 
@@ -104,8 +108,8 @@ def _resolve_mask(owner: str, perturb_mask: Optional[PerturbMask], params):
     return jax.tree.map(lambda m, p: jax.tree.map(lambda _: m, p), mask, params)
   except ValueError as error:
     raise ValueError(
-        f"{owner}: perturb_mask must have the structure of params (or a prefix of it):"
-        f" {jax.tree.structure(mask)} against {jax.tree.structure(params)}."
+      f"{owner}: perturb_mask must have the structure of params (or a prefix of it):"
+      f" {jax.tree.structure(mask)} against {jax.tree.structure(params)}."
     ) from error
 
 
@@ -113,23 +117,26 @@ def _check_mask_leaves(owner: str, mask) -> None:
   for path, value in jax.tree_util.tree_leaves_with_path(mask):
     if not isinstance(value, bool):
       raise TypeError(
-          f"{owner}: perturb_mask's leaves must be Python bools (the mask is static),"
-          f" got {value!r} at {jax.tree_util.keystr(path)}."
+        f"{owner}: perturb_mask's leaves must be Python bools (the mask is static),"
+        f" got {value!r} at {jax.tree_util.keystr(path)}."
       )
 
 
 def _warn_if_rounded_away(owner: str, params, mask) -> None:
-  low = sorted({
-      str(w.dtype) for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
+  low = sorted(
+    {
+      str(w.dtype)
+      for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
       if m and jnp.issubdtype(w.dtype, jnp.floating) and jnp.finfo(w.dtype).bits < 32
-  })
+    }
+  )
   if low:
     warnings.warn(
-        f"{owner}: parameters in {', '.join(low)} hold w_adv = w + e rounded to their dtype, so a"
-        " perturbation smaller than their spacing is lost (SAMState.perturbation_norm shows what"
-        " was applied). Keep float32 parameters and compute in low precision (Flax: param_dtype"
-        " float32, dtype bfloat16).",
-        stacklevel=4,
+      f"{owner}: parameters in {', '.join(low)} hold w_adv = w + e rounded to their dtype, so a"
+      " perturbation smaller than their spacing is lost (SAMState.perturbation_norm shows what"
+      " was applied). Keep float32 parameters and compute in low precision (Flax: param_dtype"
+      " float32, dtype bfloat16).",
+      stacklevel=4,
     )
 
 
@@ -150,35 +157,35 @@ def _call_grad_fn(owner: str, grad_fn: GradFn, perturbed_params) -> tuple[jax.Ar
     if _same_shapes(second, perturbed_params):  # jax.value_and_grad, with or without has_aux
       value = first[0] if isinstance(first, tuple) else first
       if jnp.shape(value) != ():
-        raise ValueError(f"{owner}: grad_fn returned (value, grads) with a value of shape {jnp.shape(value)}, not a scalar loss.")
+        raise ValueError(
+          f"{owner}: grad_fn returned (value, grads) with a value of shape {jnp.shape(value)}, not a scalar loss."
+        )
       return jnp.asarray(value, jnp.float32), second
     if _same_shapes(first, perturbed_params):  # jax.grad(..., has_aux=True)
       return missing, first
   raise ValueError(
-      f"{owner}: grad_fn must return gradients with the structure and shapes of params"
-      f" ({jax.tree.structure(perturbed_params)}), or (loss, gradients) as jax.value_and_grad"
-      f" does, or (gradients, aux); it returned {jax.tree.structure(result)} with shapes"
-      f" {[jnp.shape(x) for x in jax.tree.leaves(result)]}."
+    f"{owner}: grad_fn must return gradients with the structure and shapes of params"
+    f" ({jax.tree.structure(perturbed_params)}), or (loss, gradients) as jax.value_and_grad"
+    f" does, or (gradients, aux); it returned {jax.tree.structure(result)} with shapes"
+    f" {[jnp.shape(x) for x in jax.tree.leaves(result)]}."
   )
 
 
 def _sharpness_aware(
-    owner: str,
-    optimizer: optax.GradientTransformation,
-    rho,
-    *,
-    ascent: bool,
-    normalize: bool,
-    adaptive: bool,
-    eps,
-    perturb_mask: Optional[PerturbMask],
-    batch_axis_name: Optional[str],
+  owner: str,
+  optimizer: optax.GradientTransformation,
+  rho,
+  *,
+  ascent: bool,
+  normalize: bool,
+  adaptive: bool,
+  eps,
+  perturb_mask: Optional[PerturbMask],
+  batch_axis_name: Optional[str],
 ) -> optax.GradientTransformationExtraArgs:
   """The one implementation behind `aace_sam` and `sam`."""
   if not isinstance(optimizer, optax.GradientTransformation):
-    raise TypeError(
-        f"{owner}: optimizer must be an optax.GradientTransformation, got {optimizer!r}."
-    )
+    raise TypeError(f"{owner}: optimizer must be an optax.GradientTransformation, got {optimizer!r}.")
   _checks.check_in_range(owner, "rho", rho, 0.0, float("inf"))
   _checks.check_in_range(owner, "eps", eps, 0.0, float("inf"))
   for name, flag in (("normalize", normalize), ("adaptive", adaptive)):
@@ -193,25 +200,25 @@ def _sharpness_aware(
     # One array per field: a shared buffer could not be donated twice.
     zero = lambda: jnp.zeros([], jnp.float32)
     return SAMState(
-        inner_state=inner.init(params),
-        perturbation_grad_norm=zero(),
-        perturbation_norm=zero(),
-        perturbed_loss=zero(),
-        perturbed_grad_norm=zero(),
+      inner_state=inner.init(params),
+      perturbation_grad_norm=zero(),
+      perturbation_norm=zero(),
+      perturbed_loss=zero(),
+      perturbed_grad_norm=zero(),
     )
 
   def update_fn(
-      updates: optax.Updates,
-      state: SAMState,
-      params: Optional[optax.Params] = None,
-      *,
-      grad_fn: Optional[GradFn] = None,
-      **extra_args,
+    updates: optax.Updates,
+    state: SAMState,
+    params: Optional[optax.Params] = None,
+    *,
+    grad_fn: Optional[GradFn] = None,
+    **extra_args,
   ) -> tuple[optax.Updates, SAMState]:
     if grad_fn is None:
       raise TypeError(
-          f"{owner}.update needs grad_fn=, a function mapping parameters to the"
-          " gradients of the training loss; it is called at the perturbed parameters."
+        f"{owner}.update needs grad_fn=, a function mapping parameters to the"
+        " gradients of the training loss; it is called at the perturbed parameters."
       )
     if params is None:
       raise ValueError(f"{owner}.update needs params: the perturbation is applied to them.")
@@ -236,38 +243,36 @@ def _sharpness_aware(
       scale = jnp.where(denominator > 0, scale / jnp.where(denominator > 0, denominator, 1), 0)
     _warn_if_rounded_away(owner, params, mask)
     perturbed_params = jax.tree.map(
-        lambda w, g, m: (w + scale * _upcast(g)).astype(w.dtype) if m else w, params, grads, mask
+      lambda w, g, m: (w + scale * _upcast(g)).astype(w.dtype) if m else w, params, grads, mask
     )
     perturbation_norm = global_norm(
-        jax.tree.map(lambda w_adv, w: _upcast(w_adv) - _upcast(w), perturbed_params, params)
+      jax.tree.map(lambda w_adv, w: _upcast(w_adv) - _upcast(w), perturbed_params, params)
     )
     del grads
     perturbed_loss, perturbed_grads = _call_grad_fn(owner, grad_fn, perturbed_params)
     if batch_axis_name is not None:
       perturbed_loss, perturbed_grads = jax.lax.pmean((perturbed_loss, perturbed_grads), axis_name=batch_axis_name)
-    updates, inner_state = inner.update(
-        perturbed_grads, state.inner_state, params, **extra_args
-    )
+    updates, inner_state = inner.update(perturbed_grads, state.inner_state, params, **extra_args)
     return updates, SAMState(
-        inner_state=inner_state,
-        perturbation_grad_norm=grad_norm.astype(jnp.float32),
-        perturbation_norm=perturbation_norm.astype(jnp.float32),
-        perturbed_loss=perturbed_loss,
-        perturbed_grad_norm=global_norm(perturbed_grads).astype(jnp.float32),
+      inner_state=inner_state,
+      perturbation_grad_norm=grad_norm.astype(jnp.float32),
+      perturbation_norm=perturbation_norm.astype(jnp.float32),
+      perturbed_loss=perturbed_loss,
+      perturbed_grad_norm=global_norm(perturbed_grads).astype(jnp.float32),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def aace_sam(
-    optimizer: optax.GradientTransformation,
-    rho: jax.typing.ArrayLike = 0.2,
-    *,
-    normalize: bool = False,
-    adaptive: bool = False,
-    eps: jax.typing.ArrayLike = 1e-12,
-    perturb_mask: Optional[PerturbMask] = None,
-    batch_axis_name: Optional[str] = None,
+  optimizer: optax.GradientTransformation,
+  rho: jax.typing.ArrayLike = 0.2,
+  *,
+  normalize: bool = False,
+  adaptive: bool = False,
+  eps: jax.typing.ArrayLike = 1e-12,
+  perturb_mask: Optional[PerturbMask] = None,
+  batch_axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AACE-SAM: sharpness-aware minimization with an AACE perturbation.
 
@@ -364,27 +369,27 @@ def aace_sam(
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
   return _sharpness_aware(
-      "aace_sam",
-      optimizer,
-      rho,
-      ascent=False,
-      normalize=normalize,
-      adaptive=adaptive,
-      eps=eps,
-      perturb_mask=perturb_mask,
-      batch_axis_name=batch_axis_name,
+    "aace_sam",
+    optimizer,
+    rho,
+    ascent=False,
+    normalize=normalize,
+    adaptive=adaptive,
+    eps=eps,
+    perturb_mask=perturb_mask,
+    batch_axis_name=batch_axis_name,
   )
 
 
 def sam(
-    optimizer: optax.GradientTransformation,
-    rho: jax.typing.ArrayLike = 0.05,
-    *,
-    normalize: bool = True,
-    adaptive: bool = False,
-    eps: jax.typing.ArrayLike = 1e-12,
-    perturb_mask: Optional[PerturbMask] = None,
-    batch_axis_name: Optional[str] = None,
+  optimizer: optax.GradientTransformation,
+  rho: jax.typing.ArrayLike = 0.05,
+  *,
+  normalize: bool = True,
+  adaptive: bool = False,
+  eps: jax.typing.ArrayLike = 1e-12,
+  perturb_mask: Optional[PerturbMask] = None,
+  batch_axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Classic SAM (and ASAM with ``adaptive=True``), through the AACE-SAM machinery.
 
@@ -435,13 +440,13 @@ def sam(
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
   return _sharpness_aware(
-      "sam",
-      optimizer,
-      rho,
-      ascent=True,
-      normalize=normalize,
-      adaptive=adaptive,
-      eps=eps,
-      perturb_mask=perturb_mask,
-      batch_axis_name=batch_axis_name,
+    "sam",
+    optimizer,
+    rho,
+    ascent=True,
+    normalize=normalize,
+    adaptive=adaptive,
+    eps=eps,
+    perturb_mask=perturb_mask,
+    batch_axis_name=batch_axis_name,
   )

@@ -8,7 +8,11 @@ compiled step is one XLA program with no host round trip.
 
 import dataclasses
 import inspect
-from typing import Any, Callable, NamedTuple, Optional, Protocol
+from typing import Any
+from typing import Callable
+from typing import NamedTuple
+from typing import Optional
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +29,7 @@ PerExampleLoss = Callable[..., jax.Array]
 class ApplyFn(Protocol):
   """`apply_fn(params, model_state, images, *, train, rng) -> (logits, new_model_state)`."""
 
-  def __call__(self, params, model_state, images, *, train: bool, rng: jax.Array) -> tuple[jax.Array, Any]:
-    ...
+  def __call__(self, params, model_state, images, *, train: bool, rng: jax.Array) -> tuple[jax.Array, Any]: ...
 
 
 class TrainState(NamedTuple):
@@ -52,17 +55,24 @@ class TrainState(NamedTuple):
   def create(cls, *, params, tx: optax.GradientTransformation, rng: jax.Array, model_state=None) -> "TrainState":
     """A state at step 0 with `tx` initialized on `params`."""
     return cls(
-        step=jnp.zeros([], jnp.int32),
-        params=params,
-        model_state={} if model_state is None else model_state,
-        opt_state=tx.init(params),
-        rng=rng,
+      step=jnp.zeros([], jnp.int32),
+      params=params,
+      model_state={} if model_state is None else model_state,
+      opt_state=tx.init(params),
+      rng=rng,
     )
 
 
 STEP_METRICS = (
-    "ce_loss", "accuracy", "perturbation_loss", "loss", "grad_norm", "perturbation_grad_norm",
-    "perturbation_norm", "skipped_steps", "learning_rate",
+  "loss",
+  "accuracy",
+  "perturbation_loss",
+  "perturbed_loss",
+  "grad_norm",
+  "perturbation_grad_norm",
+  "perturbation_norm",
+  "skipped_steps",
+  "learning_rate",
 )
 
 
@@ -181,8 +191,8 @@ def _mean_value_and_grad(fn, params, images, labels, micro_batches: int):
     return jax.value_and_grad(fn, has_aux=True)(params, images, labels, 0)
   if images.shape[0] % micro_batches:
     raise ValueError(
-        f"make_train_step: a batch of {images.shape[0]} examples does not split into"
-        f" grad_accum_steps={micro_batches} equal micro-batches."
+      f"make_train_step: a batch of {images.shape[0]} examples does not split into"
+      f" grad_accum_steps={micro_batches} equal micro-batches."
     )
   split = lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
 
@@ -191,22 +201,22 @@ def _mean_value_and_grad(fn, params, images, labels, micro_batches: int):
     return jax.tree.map(jnp.add, grad_sum, grads), (value, aux)
 
   grad_sum, (values, aux) = jax.lax.scan(
-      accumulate, jax.tree.map(jnp.zeros_like, params), (split(images), split(labels), jnp.arange(micro_batches))
+    accumulate, jax.tree.map(jnp.zeros_like, params), (split(images), split(labels), jnp.arange(micro_batches))
   )
   return (values.mean(), aux), jax.tree.map(lambda g: g / micro_batches, grad_sum)
 
 
 def make_train_step(
-    apply_fn: ApplyFn,
-    tx: optax.GradientTransformation,
-    *,
-    perturbation_loss: PerExampleLoss = _losses.aace_cross_entropy,
-    loss: PerExampleLoss = _losses.cross_entropy,
-    axis_name: Optional[str] = None,
-    sync_perturbation: bool = True,
-    grad_accum_steps: int = 1,
-    skip_nonfinite: bool = True,
-    extra_metrics: Optional[dict[str, PerExampleLoss]] = None,
+  apply_fn: ApplyFn,
+  tx: optax.GradientTransformation,
+  *,
+  perturbation_loss: PerExampleLoss = _losses.aace_cross_entropy,
+  loss: PerExampleLoss = _losses.cross_entropy,
+  axis_name: Optional[str] = None,
+  sync_perturbation: bool = True,
+  grad_accum_steps: int = 1,
+  skip_nonfinite: bool = True,
+  extra_metrics: Optional[dict[str, PerExampleLoss]] = None,
 ) -> Step:
   r"""Builds a pure training step for SGD, SAM or AACE-SAM.
 
@@ -282,14 +292,21 @@ def make_train_step(
       ``{"aace_kl": aace_kl_divergence}``, the value the authors log.
 
   Returns:
-    A :class:`Step`, ``step(state, batch) -> (state, metrics)`` with ``batch = {"image",
-    "label"}``. ``metrics`` holds float32 scalars: ``ce_loss`` (``loss`` of
-    the first pass, for observation), ``perturbation_loss``, ``loss`` (at
-    :math:`w_{adv}`), ``accuracy`` (first pass), ``perturbation_grad_norm``,
-    ``perturbation_norm``, ``grad_norm`` (of the gradient given to the
-    optimizer), ``skipped_steps`` (1 when the update was skipped),
-    ``learning_rate`` when ``tx`` injects one, and one entry per
-    ``extra_metrics`` name.
+    A :class:`Step`, ``step(state, batch) -> (state, metrics)`` with
+    ``batch = {"image", "label"}``. ``metrics`` holds float32 batch means:
+
+    - ``loss``: ``loss`` at :math:`w`, from the first pass's logits;
+    - ``accuracy``: of the first pass;
+    - ``perturbation_loss``: ``perturbation_loss`` at :math:`w`;
+    - ``perturbed_loss``: ``loss`` at :math:`w_{adv}`, the pass whose
+      gradient updates the weights (equal to ``loss`` for a plain optimizer);
+    - ``perturbation_grad_norm``: the norm of the gradient the perturbation
+      is built from; ``perturbation_norm``: :math:`\|w_{adv} - w\|` (both 0
+      for a plain optimizer);
+    - ``grad_norm``: the norm of the gradient given to the optimizer;
+    - ``skipped_steps``: 1 when the update was skipped;
+    - ``learning_rate`` when ``tx`` injects one, and one entry per
+      ``extra_metrics`` name.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -302,7 +319,7 @@ def make_train_step(
     >>> step = jax.jit(aace_jax.make_train_step(apply_fn, tx))
     >>> for _ in range(20):
     ...   state, metrics = step(state, batch)
-    >>> print(int(state.step), float(metrics["accuracy"]), bool(metrics["loss"] < 0.5))
+    >>> print(int(state.step), float(metrics["accuracy"]), bool(metrics["perturbed_loss"] < 0.5))
     20 1.0 True
 
   References:
@@ -319,7 +336,9 @@ def make_train_step(
     raise TypeError(f"make_train_step: axis_name must be a str or None, got {axis_name!r}.")
   extra_metrics = dict(extra_metrics or {})
   if set(STEP_METRICS) & set(extra_metrics):
-    raise ValueError(f"make_train_step: extra_metrics may not reuse the names {sorted(set(STEP_METRICS) & set(extra_metrics))}.")
+    raise ValueError(
+      f"make_train_step: extra_metrics may not reuse the names {sorted(set(STEP_METRICS) & set(extra_metrics))}."
+    )
   tx = optax.with_extra_args_support(tx)
   perturbation_takes_key = _accepts_key(perturbation_loss)
 
@@ -336,7 +355,7 @@ def make_train_step(
 
   def first_pass_metrics(logits, labels, loss_rng) -> Metrics:
     """What the first pass's logits tell, for observation: no gradient flows from here."""
-    metrics = {"ce_loss": loss(logits, labels).mean(), "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    metrics = {"loss": loss(logits, labels).mean(), "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
     for name, fn in extra_metrics.items():
       extra = {"key": loss_rng} if _accepts_key(fn) else {}
       metrics[name] = jax.lax.stop_gradient(fn(logits, labels, **extra)).mean()
@@ -351,7 +370,7 @@ def make_train_step(
       return perturbation_loss(logits, labels, **extra).mean(), (logits, new_model_state)
 
     (objective, (logits, new_model_state)), grads = _mean_value_and_grad(
-        first_pass, state.params, images, labels, grad_accum_steps
+      first_pass, state.params, images, labels, grad_accum_steps
     )
     if sync_perturbation:
       grads = average(grads)
@@ -361,7 +380,9 @@ def make_train_step(
         logits, _ = forward(params, images, index)  # its model state is discarded
         return loss(logits, labels).mean(), None
 
-      (value, _), perturbed_grads = _mean_value_and_grad(second_pass, perturbed_params, images, labels, grad_accum_steps)
+      (value, _), perturbed_grads = _mean_value_and_grad(
+        second_pass, perturbed_params, images, labels, grad_accum_steps
+      )
       return average(value), average(perturbed_grads)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
@@ -369,11 +390,11 @@ def make_train_step(
     missing = jnp.full([], jnp.nan, jnp.float32)
     sam_state = sam_states[0] if sam_states else None
     metrics = {
-        "perturbation_loss": objective,
-        "loss": sam_state.perturbed_loss if sam_state else missing,
-        "grad_norm": sam_state.perturbed_grad_norm if sam_state else missing,
-        "perturbation_grad_norm": sam_state.perturbation_grad_norm if sam_state else missing,
-        "perturbation_norm": sam_state.perturbation_norm if sam_state else missing,
+      "perturbation_loss": objective,
+      "perturbed_loss": sam_state.perturbed_loss if sam_state else missing,
+      "grad_norm": sam_state.perturbed_grad_norm if sam_state else missing,
+      "perturbation_grad_norm": sam_state.perturbation_grad_norm if sam_state else missing,
+      "perturbation_norm": sam_state.perturbation_norm if sam_state else missing,
     }
     # The gradient at w_adv is checked through its norm, which is non-finite when it is.
     finite = _all_finite(grads) & (jnp.isfinite(metrics["grad_norm"]) | (sam_state is None))
@@ -387,17 +408,17 @@ def make_train_step(
       return loss(logits, labels).mean(), (logits, new_model_state)
 
     (objective, (logits, new_model_state)), grads = _mean_value_and_grad(
-        only_pass, state.params, images, labels, grad_accum_steps
+      only_pass, state.params, images, labels, grad_accum_steps
     )
     grads = average(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     extra = {"key": loss_rng} if perturbation_takes_key else {}
     metrics = {
-        "perturbation_loss": perturbation_loss(logits.reshape(-1, logits.shape[-1]), labels, **extra).mean(),
-        "loss": objective,
-        "grad_norm": _sam.global_norm(grads),
-        "perturbation_grad_norm": jnp.zeros([]),
-        "perturbation_norm": jnp.zeros([]),
+      "perturbation_loss": perturbation_loss(logits.reshape(-1, logits.shape[-1]), labels, **extra).mean(),
+      "perturbed_loss": objective,
+      "grad_norm": _sam.global_norm(grads),
+      "perturbation_grad_norm": jnp.zeros([]),
+      "perturbation_norm": jnp.zeros([]),
     }
     return updates, new_model_state, opt_state, logits, metrics, _all_finite(grads)
 
@@ -405,9 +426,9 @@ def make_train_step(
     images, labels = batch["image"], batch["label"]
     if _find_states(state.opt_state, optax.MultiStepsState):
       raise ValueError(
-          "make_train_step: optax.MultiSteps is not supported here (it would perturb with the mean"
-          " gradient and update with the last micro-batch's); accumulate gradients with"
-          " make_train_step(..., grad_accum_steps=k) instead."
+        "make_train_step: optax.MultiSteps is not supported here (it would perturb with the mean"
+        " gradient and update with the last micro-batch's); accumulate gradients with"
+        " make_train_step(..., grad_accum_steps=k) instead."
       )
     model_rng, loss_rng = step_keys(state)
 
@@ -442,10 +463,10 @@ def make_train_step(
 
 
 def make_eval_step(
-    apply_fn: ApplyFn,
-    *,
-    loss: PerExampleLoss = _losses.cross_entropy,
-    axis_name: Optional[str] = None,
+  apply_fn: ApplyFn,
+  *,
+  loss: PerExampleLoss = _losses.cross_entropy,
+  axis_name: Optional[str] = None,
 ) -> Step:
   """Builds a pure evaluation step: summed loss and correct count of a batch.
 
@@ -471,9 +492,9 @@ def make_eval_step(
     # Padding rows may carry any label; zero their loss before it can be NaN.
     safe_loss = jnp.where(mask > 0, loss(logits, jnp.where(mask > 0, labels, 0)), 0)
     metrics = {
-        "loss_sum": jnp.sum(safe_loss.astype(jnp.float32) * mask),
-        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-        "count": jnp.sum(mask),
+      "loss_sum": jnp.sum(safe_loss.astype(jnp.float32) * mask),
+      "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+      "count": jnp.sum(mask),
     }
     return metrics if axis_name is None else jax.lax.psum(metrics, axis_name)
 

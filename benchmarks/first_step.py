@@ -48,6 +48,7 @@ def one_process(args) -> dict:
   import jax
   import numpy as np
 
+  from train import compilation_cache
   from train import input_pipeline
   from train import train
   from train.configs import default
@@ -56,12 +57,12 @@ def one_process(args) -> dict:
   config.dataset, config.model, config.optimizer, config.dtype = args.dataset, args.model, args.optimizer, args.dtype
   config.batch_size = config.eval_batch_size = args.batch
   config.compilation_cache_dir = args.cache_dir
-  train.enable_compilation_cache(config)
+  compilation_cache.enable(config)
   spec = input_pipeline.get_spec(args.dataset)
   rng = np.random.default_rng(0)
   split = input_pipeline.Split(
-      rng.integers(0, 256, (args.batch, *spec.image_shape), dtype=np.uint8),
-      rng.integers(0, spec.num_classes, args.batch).astype(np.int32),
+    rng.integers(0, 256, (args.batch, *spec.image_shape), dtype=np.uint8),
+    rng.integers(0, spec.num_classes, args.batch).astype(np.int32),
   )
   data = input_pipeline.Data(spec, split, split, args.batch, args.batch, 0, spec.mean or (0.5,), spec.std or (0.25,))
   phases = {"import_seconds": time.perf_counter() - start}
@@ -81,17 +82,32 @@ def one_process(args) -> dict:
   timed("step_seconds", lambda: jax.block_until_ready(compiled(state, experiment.totals, batch)))
   phases["first_step_seconds"] = time.perf_counter() - start
   return {
-      **{k: round(v, 3) for k, v in phases.items()},
-      "cache_hits": train.compilation_cache_events["cache_hits"],
-      "cache_misses": train.compilation_cache_events["cache_misses"],
-      "device": jax.devices()[0].device_kind,
-      "backend": jax.default_backend(),
+    **{k: round(v, 3) for k, v in phases.items()},
+    "cache_hits": compilation_cache.events["cache_hits"],
+    "cache_misses": compilation_cache.events["cache_misses"],
+    "device": jax.devices()[0].device_kind,
+    "backend": jax.default_backend(),
   }
 
 
 def run_child(args, cache_dir: str) -> dict:
-  command = [sys.executable, __file__, "--child", "--model", args.model, "--optimizer", args.optimizer,
-             "--dtype", args.dtype, "--batch", str(args.batch), "--dataset", args.dataset, "--cache_dir", cache_dir]
+  command = [
+    sys.executable,
+    __file__,
+    "--child",
+    "--model",
+    args.model,
+    "--optimizer",
+    args.optimizer,
+    "--dtype",
+    args.dtype,
+    "--batch",
+    str(args.batch),
+    "--dataset",
+    args.dataset,
+    "--cache_dir",
+    cache_dir,
+  ]
   result = subprocess.run(command, capture_output=True, text=True)
   if result.returncode != 0:
     raise SystemExit(f"the timed process failed:\n{result.stderr[-3000:]}")
@@ -110,8 +126,13 @@ def main(argv=None):
     cold = run_child(args, cache_dir)
     cached = run_child(args, cache_dir)
   report = {
-      "model": args.model, "optimizer": args.optimizer, "dtype": args.dtype, "batch": args.batch,
-      "dataset": args.dataset, "cold": cold, "cached": cached,
+    "model": args.model,
+    "optimizer": args.optimizer,
+    "dtype": args.dtype,
+    "batch": args.batch,
+    "dataset": args.dataset,
+    "cold": cold,
+    "cached": cached,
   }
   if not args.json:
     for name in ("cold", "cached"):

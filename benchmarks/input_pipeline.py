@@ -46,8 +46,7 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   if args.batch < 1 or args.num_train < args.batch or args.epochs < 2:
     parser.error(
-        f"need --batch >= 1, --num_train >= --batch and --epochs >= 2; got {args.batch}, {args.num_train},"
-        f" {args.epochs}"
+      f"need --batch >= 1, --num_train >= --batch and --epochs >= 2; got {args.batch}, {args.num_train}, {args.epochs}"
     )
   return args
 
@@ -66,8 +65,14 @@ def random_cifar(args):
     return input_pipeline.Split(images, rng.integers(0, spec.num_classes, count).astype(np.int32))
 
   return input_pipeline.Data(
-      spec=spec, train=split(args.num_train), eval=split(args.batch), per_host_batch=args.batch,
-      per_host_eval_batch=args.batch, seed=0, mean=spec.mean, std=spec.std,
+    spec=spec,
+    train=split(args.num_train),
+    eval=split(args.batch),
+    per_host_batch=args.batch,
+    per_host_eval_batch=args.batch,
+    seed=0,
+    mean=spec.mean,
+    std=spec.std,
   )
 
 
@@ -129,12 +134,12 @@ def machine() -> dict:
 
   device = jax.devices()[0]
   return {
-      "backend": jax.default_backend(),
-      "device": device.device_kind,
-      "device_count": jax.device_count(),
-      "cpu": platform.processor() or platform.machine(),
-      "cpu_count": os.cpu_count(),
-      "jax": jax.__version__,
+    "backend": jax.default_backend(),
+    "device": device.device_kind,
+    "device_count": jax.device_count(),
+    "cpu": platform.processor() or platform.machine(),
+    "cpu_count": os.cpu_count(),
+    "jax": jax.__version__,
   }
 
 
@@ -145,18 +150,18 @@ def main(argv=None):
   trainer = trainer_images_per_sec(args, data)
   step = step_images_per_sec(args, data)
   report = {
-      "model": args.model,
-      "optimizer": args.optimizer,
-      "dtype": args.dtype,
-      "batch": args.batch,
-      "num_train": args.num_train,
-      "data_on_device": args.data_on_device,
-      "host_images_per_sec": round(host),
-      "trainer_images_per_sec": round(trainer),
-      "step_images_per_sec": round(step),
-      "trainer_over_step": round(trainer / step, 3),
-      "host_ms_per_step": round(1000 * args.batch * (1 / trainer - 1 / step), 3),
-      "machine": machine(),
+    "model": args.model,
+    "optimizer": args.optimizer,
+    "dtype": args.dtype,
+    "batch": args.batch,
+    "num_train": args.num_train,
+    "data_on_device": args.data_on_device,
+    "host_images_per_sec": round(host),
+    "trainer_images_per_sec": round(trainer),
+    "step_images_per_sec": round(step),
+    "trainer_over_step": round(trainer / step, 3),
+    "host_ms_per_step": round(1000 * args.batch * (1 / trainer - 1 / step), 3),
+    "machine": machine(),
   }
   if not args.json:
     for key, value in report.items():

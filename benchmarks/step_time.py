@@ -69,24 +69,24 @@ def build_step(args, method):
 
   base = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
   tx, perturbation_loss = {
-      "sgd": (base, aace_jax.aace_cross_entropy),
-      "sam": (aace_jax.sam(base, 0.05), aace_jax.cross_entropy),
-      "aace_sam": (aace_jax.aace_sam(base, 0.2), aace_jax.aace_cross_entropy),
-      "optax_contrib_sam": (optax_contrib_aace_sam(base, 0.2), aace_jax.aace_cross_entropy),
+    "sgd": (base, aace_jax.aace_cross_entropy),
+    "sam": (aace_jax.sam(base, 0.05), aace_jax.cross_entropy),
+    "aace_sam": (aace_jax.aace_sam(base, 0.2), aace_jax.aace_cross_entropy),
+    "optax_contrib_sam": (optax_contrib_aace_sam(base, 0.2), aace_jax.aace_cross_entropy),
   }[method]
   model = models.create_model(args.model, args.num_classes, jnp.dtype(args.dtype))
   rng = np.random.default_rng(0)
   batch = {
-      "image": jnp.asarray(rng.normal(size=(args.batch, args.image_size, args.image_size, 3)), jnp.float32),
-      "label": jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32),
+    "image": jnp.asarray(rng.normal(size=(args.batch, args.image_size, args.image_size, 3)), jnp.float32),
+    "label": jnp.asarray(rng.integers(0, args.num_classes, args.batch), jnp.int32),
   }
   variables = jax.jit(lambda key: model.init(key, batch["image"][:1], train=False))(jax.random.key(0))
   state = aace_jax.TrainState.create(
-      params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(1)
+    params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(1)
   )
   step = jax.jit(
-      aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx, perturbation_loss=perturbation_loss),
-      donate_argnums=0,
+    aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx, perturbation_loss=perturbation_loss),
+    donate_argnums=0,
   )
   return step, state, batch
 
@@ -116,11 +116,11 @@ def time_methods(args) -> dict:
       times[method].append(time.perf_counter() - start)
   device = jax.devices()[0]
   return {
-      "backend": jax.default_backend(),
-      "device": device.device_kind,
-      "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(states["sgd"].params))),
-      "results": {method: statistics.median(t) for method, t in times.items()},
-      "memory_reported": device.memory_stats() is not None,
+    "backend": jax.default_backend(),
+    "device": device.device_kind,
+    "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(states["sgd"].params))),
+    "results": {method: statistics.median(t) for method, t in times.items()},
+    "memory_reported": device.memory_stats() is not None,
   }
 
 
@@ -140,32 +140,46 @@ def run_all(args) -> dict:
   peaks = {method: None for method in METHODS}
   if report.pop("memory_reported"):
     for method in METHODS:
-      command = [sys.executable, __file__, "--method", method, "--model", args.model, "--batch", str(args.batch),
-                 "--dtype", args.dtype, "--image_size", str(args.image_size), "--num_classes", str(args.num_classes)]
+      command = [
+        sys.executable,
+        __file__,
+        "--method",
+        method,
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--dtype",
+        args.dtype,
+        "--image_size",
+        str(args.image_size),
+        "--num_classes",
+        str(args.num_classes),
+      ]
       result = subprocess.run(command, capture_output=True, text=True)
       if result.returncode != 0:
         raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
       peaks[method] = json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
   return {
-      "backend": report["backend"],
-      "device": report["device"],
-      "model": args.model,
-      "batch": args.batch,
-      "dtype": args.dtype,
-      "params": report["params"],
-      "results": report["results"],
-      "peak_bytes": peaks,
+    "backend": report["backend"],
+    "device": report["device"],
+    "model": args.model,
+    "batch": args.batch,
+    "dtype": args.dtype,
+    "params": report["params"],
+    "results": report["results"],
+    "peak_bytes": peaks,
   }
 
 
 def table(report: dict) -> str:
   results, peaks = report["results"], report["peak_bytes"]
   lines = [
-      f"{report['model']} ({report['params']:,} parameters), batch {report['batch']}, {report['dtype']},"
-      f" {report['backend']} ({report['device']})",
-      "",
-      "| method | s/step | x SGD | peak memory |",
-      "| --- | --- | --- | --- |",
+    f"{report['model']} ({report['params']:,} parameters), batch {report['batch']}, {report['dtype']},"
+    f" {report['backend']} ({report['device']})",
+    "",
+    "| method | s/step | x SGD | peak memory |",
+    "| --- | --- | --- | --- |",
   ]
   for method in METHODS:
     peak = "n/a" if peaks[method] is None else f"{peaks[method] / 2**30:.2f} GiB"

@@ -49,21 +49,23 @@ RHO = {"sgd": 0.0, "sam": 0.05, "aace_sam": 0.2}
 # (v4: 275, v5e: 197, v5p: 459 bf16). float32 is compared with the tf32 peak:
 # XLA runs float32 convolutions on tensor cores in tf32 by default on GPUs.
 PEAK_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": {"bfloat16": 989.4, "float32": 494.7},
-    "NVIDIA H100 PCIe": {"bfloat16": 756.5, "float32": 378.0},
-    "NVIDIA H200": {"bfloat16": 989.4, "float32": 494.7},
-    "NVIDIA A100-SXM4-80GB": {"bfloat16": 312.0, "float32": 156.0},
-    "NVIDIA A100-SXM4-40GB": {"bfloat16": 312.0, "float32": 156.0},
-    "NVIDIA A100-PCIE-40GB": {"bfloat16": 312.0, "float32": 156.0},
-    "TPU v4": {"bfloat16": 275.0},
-    "TPU v5 lite": {"bfloat16": 197.0},
-    "TPU v5": {"bfloat16": 459.0},
+  "NVIDIA H100 80GB HBM3": {"bfloat16": 989.4, "float32": 494.7},
+  "NVIDIA H100 PCIe": {"bfloat16": 756.5, "float32": 378.0},
+  "NVIDIA H200": {"bfloat16": 989.4, "float32": 494.7},
+  "NVIDIA A100-SXM4-80GB": {"bfloat16": 312.0, "float32": 156.0},
+  "NVIDIA A100-SXM4-40GB": {"bfloat16": 312.0, "float32": 156.0},
+  "NVIDIA A100-PCIE-40GB": {"bfloat16": 312.0, "float32": 156.0},
+  "TPU v4": {"bfloat16": 275.0},
+  "TPU v5 lite": {"bfloat16": 197.0},
+  "TPU v5": {"bfloat16": 459.0},
 }
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--model", default="wrn16_4", help="wrn<depth>_<width> for both sides; any train/models.py name without torch")
+  parser.add_argument(
+    "--model", default="wrn16_4", help="wrn<depth>_<width> for both sides; any train/models.py name without torch"
+  )
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
   parser.add_argument("--image_size", type=int, default=32)
@@ -203,7 +205,9 @@ def build_torch(args, implementation: str, method: str):
   optimizer = torch_optimizer(model)
   runnable = torch.compile(model) if implementation == "torch_compile" else model
   synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-  return lambda: torch_step(runnable, optimizer, images, labels, method, RHO[method], autocast_dtype=autocast_dtype), synchronize
+  return lambda: torch_step(
+    runnable, optimizer, images, labels, method, RHO[method], autocast_dtype=autocast_dtype
+  ), synchronize
 
 
 # ---------------------------------------------------------------------------
@@ -213,12 +217,14 @@ def build_torch(args, implementation: str, method: str):
 
 def build_jax(args, implementation: str, method: str):
   import jax
-
   import step_time
 
   step_args = argparse.Namespace(
-      model=args.model, batch=args.batch, image_size=args.image_size, num_classes=args.num_classes,
-      dtype="bfloat16" if implementation == "jax_bf16" else "float32",
+    model=args.model,
+    batch=args.batch,
+    image_size=args.image_size,
+    num_classes=args.num_classes,
+    dtype="bfloat16" if implementation == "jax_bf16" else "float32",
   )
   step, state, batch = step_time.build_step(step_args, method)
   flops = (step.lower(state, batch).compile().cost_analysis() or {}).get("flops")
@@ -237,7 +243,7 @@ def build_jax(args, implementation: str, method: str):
 
 def torch_available() -> tuple[bool, str]:
   try:
-    import torch  # pylint: disable=unused-import
+    import torch  # noqa: F401 (whether it imports is the question)
   except ImportError as error:
     return False, f"torch is not installed ({error}); the PyTorch side is skipped (pip install -e '.[bench]')"
   return True, ""
@@ -308,8 +314,20 @@ def run(args) -> dict:
   peaks = {name: None for name in runs}
   if device.memory_stats() is not None:
     for name in runs:
-      command = [sys.executable, __file__, "--only", name, "--model", args.model, "--batch", str(args.batch),
-                 "--image_size", str(args.image_size), "--num_classes", str(args.num_classes)]
+      command = [
+        sys.executable,
+        __file__,
+        "--only",
+        name,
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--image_size",
+        str(args.image_size),
+        "--num_classes",
+        str(args.num_classes),
+      ]
       result = subprocess.run(command, capture_output=True, text=True)
       if result.returncode == 0:
         peaks[name] = json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -321,10 +339,10 @@ def run(args) -> dict:
     step_flops = flops.get(f"jax_{'fp32' if dtype == 'float32' else 'bf16'}:{method}")
     peak = peak_table.get(dtype)
     results[name] = {
-        "seconds_per_step": s,
-        "images_per_second": args.batch / s,
-        "peak_bytes": peaks[name],
-        "mfu": step_flops / s / (peak * 1e12) if step_flops and peak else None,
+      "seconds_per_step": s,
+      "images_per_second": args.batch / s,
+      "peak_bytes": peaks[name],
+      "mfu": step_flops / s / (peak * 1e12) if step_flops and peak else None,
     }
   ratios = {}
   for method in METHODS:
@@ -337,25 +355,36 @@ def run(args) -> dict:
     if ours32 and theirs32:
       ratios[f"jax_fp32/torch_fp32:{method}"] = ours32 / theirs32
   return {
-      "model": args.model, "batch": args.batch, "image_size": args.image_size, "num_classes": args.num_classes,
-      "backend": jax.default_backend(), "device": device.device_kind,
-      "peak_tflops": peak_table or None, "torch": has_torch, "torch_note": torch_note or None,
-      "failures": failures, "results": results, "ratios": ratios,
+    "model": args.model,
+    "batch": args.batch,
+    "image_size": args.image_size,
+    "num_classes": args.num_classes,
+    "backend": jax.default_backend(),
+    "device": device.device_kind,
+    "peak_tflops": peak_table or None,
+    "torch": has_torch,
+    "torch_note": torch_note or None,
+    "failures": failures,
+    "results": results,
+    "ratios": ratios,
   }
 
 
 def table(report: dict) -> str:
   lines = [
-      f"{report['model']}, batch {report['batch']}, {report['num_classes']} classes, {report['backend']} ({report['device']})",
-      "",
-      "| implementation | method | s/step | img/s | peak memory | MFU |",
-      "| --- | --- | --- | --- | --- | --- |",
+    f"{report['model']}, batch {report['batch']}, {report['num_classes']} classes,"
+    f" {report['backend']} ({report['device']})",
+    "",
+    "| implementation | method | s/step | img/s | peak memory | MFU |",
+    "| --- | --- | --- | --- | --- | --- |",
   ]
   for name, r in report["results"].items():
     implementation, method = name.split(":")
     peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f} GiB"
     mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-    lines.append(f"| {implementation} | {method} | {r['seconds_per_step']:.4f} | {r['images_per_second']:.0f} | {peak} | {mfu} |")
+    lines.append(
+      f"| {implementation} | {method} | {r['seconds_per_step']:.4f} | {r['images_per_second']:.0f} | {peak} | {mfu} |"
+    )
   lines.append("")
   lines += [f"{k}: {v:.3f}" for k, v in report["ratios"].items()]
   if report["torch_note"]:

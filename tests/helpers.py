@@ -1,5 +1,7 @@
-"""Small models and hand-driven steps shared by the single- and multi-device tests."""
+"""What several test modules share: small models and problems, hand-driven steps, trainer runs and checkpoints."""
 
+import csv
+import os
 import socket
 
 import flax.linen as nn
@@ -7,31 +9,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 import aace_jax
+from train.configs import default
+
+
+def jax_mlp(params, x):
+  """The tanh MLP every library test trains; `np_mlp_grads` in test_sam.py back-propagates it by hand."""
+  hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+  return hidden @ params["w2"] + params["b2"]
 
 
 def mlp_apply(params, model_state, images, *, train, rng):
+  """`jax_mlp` as an `aace_jax.ApplyFn`."""
   del train, rng
-  hidden = jnp.tanh(images.reshape(len(images), -1) @ params["w1"] + params["b1"])
-  return hidden @ params["w2"] + params["b2"], model_state
+  return jax_mlp(params, images.reshape(len(images), -1)), model_state
+
+
+def np_softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
 
 
 def mlp_params(seed=0, features=12, hidden=16, classes=5):
   keys = jax.random.split(jax.random.key(seed), 2)
   return {
-      "w1": jax.random.normal(keys[0], (features, hidden)) * 0.5,
-      "b1": jnp.zeros(hidden),
-      "w2": jax.random.normal(keys[1], (hidden, classes)) * 0.5,
-      "b2": jnp.zeros(classes),
+    "w1": jax.random.normal(keys[0], (features, hidden)) * 0.5,
+    "b1": jnp.zeros(hidden),
+    "w2": jax.random.normal(keys[1], (hidden, classes)) * 0.5,
+    "b2": jnp.zeros(classes),
   }
 
 
 def make_batch(n=32, features=12, classes=5, seed=1):
   rng = np.random.default_rng(seed)
   return {
-      "image": jnp.asarray(rng.normal(size=(n, 3, 4)), jnp.float32).reshape(n, features),
-      "label": jnp.asarray(rng.integers(0, classes, n), jnp.int32),
+    "image": jnp.asarray(rng.normal(size=(n, 3, 4)), jnp.float32).reshape(n, features),
+    "label": jnp.asarray(rng.integers(0, classes, n), jnp.int32),
   }
 
 
@@ -43,7 +58,7 @@ def hand_step(tx, params, opt_state, batch, perturbation_loss):
 
   grads = jax.grad(mean_loss)(params, perturbation_loss)
   updates, opt_state = tx.update(
-      grads, opt_state, params, grad_fn=lambda w: jax.grad(mean_loss)(w, aace_jax.cross_entropy)
+    grads, opt_state, params, grad_fn=lambda w: jax.grad(mean_loss)(w, aace_jax.cross_entropy)
   )
   return optax.apply_updates(params, updates), opt_state
 
@@ -62,18 +77,13 @@ def first_pass_batch_stats(model, variables, images):
   return updates["batch_stats"]
 
 
-def jax_mlp(params, x):
-  hidden = jnp.tanh(x @ params["w1"] + params["b1"])
-  return hidden @ params["w2"] + params["b2"]
-
-
 def make_mlp_problem(seed=0, batch=16, features=5, hidden=7, classes=4):
   rng = np.random.default_rng(seed)
   params = {
-      "w1": rng.normal(size=(features, hidden)) * 0.8,
-      "b1": rng.normal(size=hidden) * 0.1,
-      "w2": rng.normal(size=(hidden, classes)) * 0.8,
-      "b2": rng.normal(size=classes) * 0.1,
+    "w1": rng.normal(size=(features, hidden)) * 0.8,
+    "b1": rng.normal(size=hidden) * 0.1,
+    "w2": rng.normal(size=(hidden, classes)) * 0.8,
+    "b2": rng.normal(size=classes) * 0.1,
   }
   x = rng.normal(size=(batch, features))
   y = rng.integers(0, classes, size=batch)
@@ -87,9 +97,7 @@ def run_library(tx, params, x, y, steps, perturbation_loss):
   @jax.jit
   def step(params, state):
     grads = jax.grad(batch_loss)(params, perturbation_loss)
-    updates, state = tx.update(
-        grads, state, params, grad_fn=jax.grad(lambda w: batch_loss(w, aace_jax.cross_entropy))
-    )
+    updates, state = tx.update(grads, state, params, grad_fn=jax.grad(lambda w: batch_loss(w, aace_jax.cross_entropy)))
     return optax.apply_updates(params, updates), state
 
   state = tx.init(params)
@@ -103,3 +111,49 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------
+# Trainer runs.
+# ---------------------------------------------------------------------------
+
+
+def small_config(**overrides):
+  config = default.get_config()
+  config.num_epochs = 2
+  config.batch_size = 64
+  config.eval_batch_size = 128
+  config.log_every_steps = 5
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def read_csv(workdir):
+  with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def latest_checkpoint(workdir):
+  """The newest checkpoint as host arrays, whatever device layout wrote it."""
+  manager = ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, "checkpoints")), item_handlers=ocp.StandardCheckpointHandler()
+  )
+  step = manager.latest_step()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), manager.item_metadata(step))
+  tree = jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(target)))
+  manager.close()
+  return step, tree
+
+
+def assert_same_checkpoint(workdir_a, workdir_b, *, rtol=0.0, atol=0.0):
+  """The newest checkpoints of two workdirs are at the same step and hold the same arrays (bit for bit by
+  default), compared leaf by leaf under their paths."""
+  step_a, tree_a = latest_checkpoint(workdir_a)
+  step_b, tree_b = latest_checkpoint(workdir_b)
+  assert step_a == step_b
+  leaves_a, leaves_b = ocp.tree.to_flat_dict(tree_a), ocp.tree.to_flat_dict(tree_b)
+  assert leaves_a.keys() == leaves_b.keys()
+  for key in leaves_a:
+    np.testing.assert_allclose(leaves_a[key], leaves_b[key], rtol=rtol, atol=atol, err_msg=str(key))

@@ -21,10 +21,13 @@ if num_processes > 1:
 
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import aace_jax  # noqa: E402
-from tests.helpers import make_batch, mlp_apply, mlp_params  # noqa: E402
+from tests.helpers import make_batch  # noqa: E402
+from tests.helpers import mlp_apply  # noqa: E402
+from tests.helpers import mlp_params  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
 mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
@@ -36,12 +39,10 @@ state = aace_jax.replicate_on_mesh(state, mesh)
 global_batch = jax.tree.map(np.asarray, make_batch(n=64))
 rows = 64 // num_processes
 local_batch = jax.tree.map(lambda x: x[process_id * rows : (process_id + 1) * rows], global_batch)
-batch = jax.tree.map(
-    lambda x: jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), x), local_batch
-)
+batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), x), local_batch)
 for _ in range(3):
   state, metrics = step(state, batch)
 params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
 if process_id == 0:
-  np.savez(out, loss=np.asarray(metrics["loss"].addressable_data(0)), **params)
+  np.savez(out, loss=np.asarray(metrics["perturbed_loss"].addressable_data(0)), **params)
 print(f"process {process_id}: done")

@@ -34,12 +34,12 @@ def scripted_draws(rows):
 
 # Crop offsets at both ends, flips on and off, Cutout patches inside, overhanging every border, and off.
 DRAWS = [
-    dict(crop_top=0, crop_left=0, flip=False, cutout=True, cutout_top=5, cutout_left=10),
-    dict(crop_top=8, crop_left=8, flip=True, cutout=True, cutout_top=-8, cutout_left=-8),
-    dict(crop_top=4, crop_left=0, flip=True, cutout=True, cutout_top=23, cutout_left=-1),
-    dict(crop_top=0, crop_left=8, flip=False, cutout=True, cutout_top=-3, cutout_left=23),
-    dict(crop_top=3, crop_left=6, flip=True, cutout=False, cutout_top=7, cutout_left=7),
-    dict(crop_top=7, crop_left=1, flip=False, cutout=True, cutout_top=16, cutout_left=16),
+  dict(crop_top=0, crop_left=0, flip=False, cutout=True, cutout_top=5, cutout_left=10),
+  dict(crop_top=8, crop_left=8, flip=True, cutout=True, cutout_top=-8, cutout_left=-8),
+  dict(crop_top=4, crop_left=0, flip=True, cutout=True, cutout_top=23, cutout_left=-1),
+  dict(crop_top=0, crop_left=8, flip=False, cutout=True, cutout_top=-3, cutout_left=23),
+  dict(crop_top=3, crop_left=6, flip=True, cutout=False, cutout_top=7, cutout_left=7),
+  dict(crop_top=7, crop_left=1, flip=False, cutout=True, cutout_top=16, cutout_left=16),
 ]
 
 
@@ -72,7 +72,9 @@ def test_none_is_normalization_alone():
 
 
 def sample(seed, epoch, positions, height=32, width=32):
-  return jax.tree.map(np.asarray, augment.sample_draws(augment.example_keys(seed, epoch, jnp.asarray(positions)), height, width))
+  return jax.tree.map(
+    np.asarray, augment.sample_draws(augment.example_keys(seed, epoch, jnp.asarray(positions)), height, width)
+  )
 
 
 def test_draws_are_a_function_of_seed_epoch_and_position():

@@ -10,9 +10,24 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "step_time
 
 def test_step_time_json_report():
   result = subprocess.run(
-      [sys.executable, str(SCRIPT), "--model", "small_cnn", "--batch", "8", "--steps", "2",
-       "--image_size", "8", "--num_classes", "10", "--json"],
-      capture_output=True, text=True, timeout=300,
+    [
+      sys.executable,
+      str(SCRIPT),
+      "--model",
+      "small_cnn",
+      "--batch",
+      "8",
+      "--steps",
+      "2",
+      "--image_size",
+      "8",
+      "--num_classes",
+      "10",
+      "--json",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout)
@@ -32,8 +47,10 @@ INPUT_SCRIPT = SCRIPT.parent / "input_pipeline.py"
 
 def test_input_pipeline_json_report():
   result = subprocess.run(
-      [sys.executable, str(INPUT_SCRIPT), "--num_train", "2048", "--batch", "64", "--epochs", "2", "--json"],
-      capture_output=True, text=True, timeout=300,
+    [sys.executable, str(INPUT_SCRIPT), "--num_train", "2048", "--batch", "64", "--epochs", "2", "--json"],
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -55,8 +72,10 @@ FIRST_STEP_SCRIPT = SCRIPT.parent / "first_step.py"
 
 def test_first_step_json_report_cold_then_cached():
   result = subprocess.run(
-      [sys.executable, str(FIRST_STEP_SCRIPT), "--model", "linear", "--batch", "8", "--json"],
-      capture_output=True, text=True, timeout=300,
+    [sys.executable, str(FIRST_STEP_SCRIPT), "--model", "linear", "--batch", "8", "--json"],
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])

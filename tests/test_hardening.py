@@ -14,22 +14,17 @@ import orbax.checkpoint as ocp
 import pytest
 
 import aace_jax
-from tests.test_trainer import latest_checkpoint, read_csv, small_config
+from tests.helpers import assert_same_checkpoint
+from tests.helpers import latest_checkpoint
+from tests.helpers import read_csv
+from tests.helpers import small_config
+from train import checkpointing
+from train import config_checks
 from train import input_pipeline
 from train import models
 from train import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def assert_same_checkpoint(workdir_a, workdir_b):
-  step_a, tree_a = latest_checkpoint(workdir_a)
-  step_b, tree_b = latest_checkpoint(workdir_b)
-  assert step_a == step_b
-  leaves_a, leaves_b = jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)
-  assert len(leaves_a) == len(leaves_b)
-  for a, b in zip(leaves_a, leaves_b):
-    np.testing.assert_array_equal(a, b)
 
 
 def test_bfloat16_run_matches_float32_accuracy(tmp_path):
@@ -92,8 +87,7 @@ def test_nan_batch_is_skipped_and_counted(tmp_path):
 def test_consecutive_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
   data = poisoned_digits(slice(None))  # every batch is NaN
   with pytest.raises(train.TrainingStopped, match="the last 5 steps were not finite and were skipped"):
-    train.train_and_evaluate(small_config(max_consecutive_skips=5, log_every_steps=5), str(tmp_path / "run"),
-                             data=data)
+    train.train_and_evaluate(small_config(max_consecutive_skips=5, log_every_steps=5), str(tmp_path / "run"), data=data)
   step, tree = latest_checkpoint(str(tmp_path / "run"))
   assert step == 5
   # Every step was skipped: the checkpoint holds the initial parameters, untouched.
@@ -105,8 +99,15 @@ def test_consecutive_nonfinite_steps_stop_with_a_checkpoint(tmp_path):
 
 
 def main_command(workdir, *extra):
-  return [sys.executable, str(REPO / "train" / "main.py"), "--workdir", str(workdir),
-          "--config.num_epochs=3", "--config.batch_size=32", *extra]
+  return [
+    sys.executable,
+    str(REPO / "train" / "main.py"),
+    "--workdir",
+    str(workdir),
+    "--config.num_epochs=3",
+    "--config.batch_size=32",
+    *extra,
+  ]
 
 
 def test_sigterm_checkpoints_and_the_resumed_run_is_bit_identical(tmp_path):
@@ -114,7 +115,9 @@ def test_sigterm_checkpoints_and_the_resumed_run_is_bit_identical(tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   subprocess.run(main_command(straight), check=True, capture_output=True, env=env, timeout=300)
 
-  proc = subprocess.Popen(main_command(interrupted), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+  proc = subprocess.Popen(
+    main_command(interrupted), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+  )
   for line in proc.stdout:  # wait for the first epoch to finish, then stop it mid-run
     if line.startswith("epoch 1/3"):
       time.sleep(0.3)
@@ -149,8 +152,9 @@ def damage(workdir, step, how):
 
 def write_nan_into(workdir, step):
   """Rewrites checkpoint `step` whole and readable, with one NaN parameter."""
-  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                  item_handlers=ocp.StandardCheckpointHandler())
+  manager = ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, "checkpoints")), item_handlers=ocp.StandardCheckpointHandler()
+  )
   tree = jax.tree.map(np.array, manager.restore(step))  # writable host copies
   tree["params"]["Conv_0"]["kernel"][0, 0, 0, 0] = np.nan
   manager.delete(step)
@@ -180,14 +184,14 @@ def test_no_readable_checkpoint_is_an_error_not_a_silent_restart(tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(small_config(num_epochs=1, checkpoint_max_to_keep=1), workdir)
   damage(workdir, 1438 // 64, "truncate")
-  with pytest.raises(train.CheckpointError, match="no readable checkpoint"):
+  with pytest.raises(checkpointing.CheckpointError, match="no readable checkpoint"):
     train.train_and_evaluate(small_config(num_epochs=1, checkpoint_max_to_keep=1), workdir)
 
 
 def test_overwrite_starts_a_changed_config_over(tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(small_config(num_epochs=1), workdir)
-  with pytest.raises(train.ConfigError, match="another config"):
+  with pytest.raises(config_checks.ConfigError, match="another config"):
     train.train_and_evaluate(small_config(num_epochs=1, optimizer="sgd"), workdir)
   result = train.train_and_evaluate(small_config(num_epochs=1, optimizer="sgd", overwrite=True), workdir)
   assert result["finished"]
@@ -196,11 +200,21 @@ def test_overwrite_starts_a_changed_config_over(tmp_path):
 
 
 def test_gradient_accumulation_in_the_trainer_gives_the_same_run(tmp_path):
-  # small_cnn has BatchNorm, so micro-batches normalize differently: compare SGD without it
-  # at the library level (tests/test_train_step.py) and check here that the option runs end to end.
-  result = train.train_and_evaluate(small_config(num_epochs=1, grad_accum_steps=4), str(tmp_path / "run"))
-  assert result["finished"] and result["val_acc"] > 0.3
-  with pytest.raises(train.ConfigError, match="does not split into grad_accum_steps=3"):
+  # The linear model has no BatchNorm (whose micro-batches would normalize on their own), so 4
+  # micro-batches of 16 must give the run of one batch of 64: the same weights, up to float32 sums.
+  whole, accumulated = str(tmp_path / "whole"), str(tmp_path / "accumulated")
+  train.train_and_evaluate(small_config(model="linear", num_epochs=1), whole)
+  train.train_and_evaluate(small_config(model="linear", num_epochs=1, grad_accum_steps=4), accumulated)
+  assert_same_checkpoint(whole, accumulated, rtol=1e-5, atol=1e-6)
+  row_whole, row_accumulated = read_csv(whole)[0], read_csv(accumulated)[0]
+  for column in ("avg_ce_loss", "avg_perturbation", "train_loss", "train_acc", "val_loss", "val_acc"):
+    assert float(row_accumulated[column]) == pytest.approx(float(row_whole[column]), rel=1e-5), column
+  # And the option reaches the step: with BatchNorm, 4 micro-batches normalize otherwise than one batch.
+  train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path / "bn_whole"))
+  train.train_and_evaluate(small_config(num_epochs=1, grad_accum_steps=4), str(tmp_path / "bn_accumulated"))
+  with pytest.raises(AssertionError):
+    assert_same_checkpoint(str(tmp_path / "bn_whole"), str(tmp_path / "bn_accumulated"), rtol=1e-3)
+  with pytest.raises(config_checks.ConfigError, match="does not split into grad_accum_steps=3"):
     train.train_and_evaluate(small_config(grad_accum_steps=3), str(tmp_path / "bad"))
 
 

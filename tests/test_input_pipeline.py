@@ -20,8 +20,18 @@ SPEC = ip.DatasetSpec(10, (4, 4, 1), (0.0,), (1.0,), "none")
 
 def make_data(source, batch=8, process_index=0, process_count=1, seed=0, streamed=False):
   split = ip.StreamedSplit(SPEC, RecordSource(source), "train") if streamed else ip.decode_split(SPEC, source, "train")
-  return ip.Data(SPEC, split, split, batch // process_count, batch // process_count, seed, (0.0,), (1.0,),
-                 process_index, process_count)
+  return ip.Data(
+    SPEC,
+    split,
+    split,
+    batch // process_count,
+    batch // process_count,
+    seed,
+    (0.0,),
+    (1.0,),
+    process_index,
+    process_count,
+  )
 
 
 def record_ids(batches):
@@ -49,8 +59,10 @@ def test_epochs_are_deterministic_and_resumable_mid_epoch():
 def test_one_host_and_two_simulated_hosts_read_the_same_global_batches(streamed):
   source = index_source(n=44)  # 44 // 8 = 5 steps; 4 records dropped
   single = record_ids(make_data(source, streamed=streamed).train_batches(1))
-  hosts = [record_ids(make_data(source, process_index=i, process_count=2, streamed=streamed).train_batches(1))
-           for i in range(2)]
+  hosts = [
+    record_ids(make_data(source, process_index=i, process_count=2, streamed=streamed).train_batches(1))
+    for i in range(2)
+  ]
   assert len(hosts[0]) == len(hosts[1]) == 5
   for step in range(5):
     # Host 0 holds the first half of the single-host batch, host 1 the second.
@@ -60,7 +72,8 @@ def test_one_host_and_two_simulated_hosts_read_the_same_global_batches(streamed)
 def test_streamed_split_gives_the_in_memory_batches():
   source = index_source(n=44)
   assert record_ids(make_data(source, streamed=True).train_batches(2, 1)) == record_ids(
-      make_data(source).train_batches(2, 1))
+    make_data(source).train_batches(2, 1)
+  )
   in_memory, streamed = make_data(source).eval_batches(), make_data(source, streamed=True).eval_batches()
   for a, b in zip(in_memory, streamed, strict=True):
     for key in a:
@@ -114,11 +127,13 @@ def bad_sources():
   shapes = [np.zeros((4, 4, 1), np.uint8)] * 600
   shapes[3] = np.zeros((5, 4, 1), np.uint8)
   return [
-      (ip.ArraySource(images, bad_label), r"train record 417 has label 12, outside \[0, 10\)"),
-      (ip.ArraySource(floats, labels), "train record 333 has non-finite pixel values"),
-      (ip.ArraySource(shapes, labels), r"train record 3 has an image of shape \(5, 4, 1\)"),
-      (RecordSource(ip.ArraySource(images, labels), broken=[257, 300]),
-       "train record 257 cannot be read: OSError: bad CRC"),
+    (ip.ArraySource(images, bad_label), r"train record 417 has label 12, outside \[0, 10\)"),
+    (ip.ArraySource(floats, labels), "train record 333 has non-finite pixel values"),
+    (ip.ArraySource(shapes, labels), r"train record 3 has an image of shape \(5, 4, 1\)"),
+    (
+      RecordSource(ip.ArraySource(images, labels), broken=[257, 300]),
+      "train record 257 cannot be read: OSError: bad CRC",
+    ),
   ]
 
 
@@ -126,8 +141,9 @@ def bad_sources():
 def test_bad_records_are_named_when_decoded(case):
   source, message = bad_sources()[case]
   with pytest.raises(ip.RecordError, match=message):
-    ip.decode_split(SPEC, RecordSource(source) if isinstance(source, ip.ArraySource) else source, "train",
-                    progress=False)
+    ip.decode_split(
+      SPEC, RecordSource(source) if isinstance(source, ip.ArraySource) else source, "train", progress=False
+    )
 
 
 def test_bad_in_memory_arrays_are_named():

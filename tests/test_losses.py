@@ -6,16 +6,12 @@ import numpy as np
 import pytest
 
 import aace_jax
-
-
-def softmax(z):
-  e = np.exp(z - z.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
+from tests.helpers import np_softmax
 
 
 def authors_targets(z, y, th=0.0, mode="ada", uniform=None):
   """The authors' `AdaptiveAdversrialCrossEntropy` target, restated in NumPy (float64)."""
-  p = softmax(z)
+  p = np_softmax(z)
   onehot = np.eye(z.shape[-1])[y]
   pp = (p * onehot).sum(-1, keepdims=True)
   pp_adv = pp - np.maximum(pp - th, 0)
@@ -55,9 +51,10 @@ def test_ada_three_classes_hand_value():
   np.testing.assert_allclose(q, [[0.0, 0.6, 0.4]], atol=1e-7)
   loss = aace_jax.aace_cross_entropy(logits, jnp.array([0]))
   expected = -(0.6 * np.log(0.3) + 0.4 * np.log(0.2))
-  entropy_q = -(0.6 * np.log(0.6) + 0.4 * np.log(0.4))
   np.testing.assert_allclose(loss, [expected], rtol=1e-6)
-  np.testing.assert_allclose(expected - entropy_q, -np.log(0.5), rtol=1e-12)
+  # The authors' logged value, KL(q || p) = L - H(q), is -log(1 - p_y) = -log 0.5 here.
+  kl = aace_jax.aace_kl_divergence(logits, jnp.array([0]))
+  np.testing.assert_allclose(kl, [-np.log(0.5)], rtol=1e-6)
 
 
 def test_const_mode_hand_value():
@@ -79,7 +76,7 @@ def test_targets_match_authors(mode, threshold):
   np.testing.assert_allclose(q, expected_q, rtol=1e-12, atol=1e-15)
   np.testing.assert_allclose(loss, soft_ce(LOGITS, expected_q), rtol=1e-12)
   # The other classes are normalized on their own: the target sums to 1 + q_y.
-  p_y = softmax(LOGITS)[np.arange(6), LABELS]
+  p_y = np_softmax(LOGITS)[np.arange(6), LABELS]
   np.testing.assert_allclose(np.sum(q, -1), 1 + np.minimum(p_y, threshold), rtol=1e-12)
 
 
@@ -105,12 +102,14 @@ def test_rand_needs_key():
 def test_logit_gradient_is_p_minus_q(mode, threshold):
   key = jax.random.key(0)
   with jax.enable_x64(True):
-    grad = np.asarray(jax.grad(
-        lambda z: aace_jax.aace_cross_entropy(z, LABELS, threshold=threshold, mode=mode, key=key).sum()
-    )(jnp.asarray(LOGITS)))
+    grad = np.asarray(
+      jax.grad(lambda z: aace_jax.aace_cross_entropy(z, LABELS, threshold=threshold, mode=mode, key=key).sum())(
+        jnp.asarray(LOGITS)
+      )
+    )
     q = np.asarray(aace_jax.aace_targets(LOGITS, LABELS, threshold=threshold, mode=mode, key=key))
-  p = softmax(LOGITS)
-  # d/dz of -sum q log softmax(z) is (sum q) p - q; (sum q) is 1 when threshold is 0.
+  p = np_softmax(LOGITS)
+  # d/dz of -sum q log np_softmax(z) is (sum q) p - q; (sum q) is 1 when threshold is 0.
   np.testing.assert_allclose(grad, q.sum(-1, keepdims=True) * p - q, rtol=1e-10, atol=1e-14)
 
 
@@ -131,7 +130,7 @@ def test_gradient_grows_with_confidence_while_ce_shrinks():
   assert np.all(np.diff(aace_norm) > 0)
   assert np.all(np.diff(ce_norm) < 0)
   # The paper's bound: p_y <= ||p - q|| <= sqrt(2) p_y.
-  p_y = softmax(np.asarray(logits))[:, 0]
+  p_y = np_softmax(np.asarray(logits))[:, 0]
   assert np.all(aace_norm >= p_y * (1 - 1e-6)) and np.all(aace_norm <= np.sqrt(2) * p_y * (1 + 1e-6))
 
 
@@ -161,7 +160,7 @@ def test_extreme_logits_are_finite(dtype, logits, label):
   z = jnp.asarray(logits, dtype)
   y = jnp.array([label])
   for fn in (aace_jax.aace_cross_entropy, aace_jax.cross_entropy):
-    loss, grad = jax.value_and_grad(lambda z: fn(z, y).sum())(z)
+    loss, grad = jax.value_and_grad(lambda z, fn=fn: fn(z, y).sum())(z)
     assert loss.dtype == dtype and grad.dtype == dtype
     assert np.all(np.isfinite(np.asarray(loss, np.float32)))
     assert np.all(np.isfinite(np.asarray(grad, np.float32)))
@@ -172,12 +171,12 @@ def test_extreme_logits_are_finite(dtype, logits, label):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(mode="adaptive"), ValueError, "mode must be one of .* got 'adaptive'"),
-        (dict(threshold=1.5), ValueError, r"threshold must lie in \[0.0, 1.0\], got 1.5"),
-        (dict(threshold=-0.1), ValueError, "got -0.1"),
-    ],
+  "kwargs, error, match",
+  [
+    (dict(mode="adaptive"), ValueError, "mode must be one of .* got 'adaptive'"),
+    (dict(threshold=1.5), ValueError, r"threshold must lie in \[0.0, 1.0\], got 1.5"),
+    (dict(threshold=-0.1), ValueError, "got -0.1"),
+  ],
 )
 def test_bad_hyperparameters(kwargs, error, match):
   with pytest.raises(error, match=match):
@@ -185,14 +184,14 @@ def test_bad_hyperparameters(kwargs, error, match):
 
 
 @pytest.mark.parametrize(
-    "logits, labels, error, match",
-    [
-        (np.zeros((4, 1)), np.zeros(4, int), ValueError, r"at least 2 classes, got shape \(4, 1\)"),
-        (np.zeros((4, 3), int), np.zeros(4, int), TypeError, "floating point, got dtype int"),
-        (np.zeros((4, 3)), np.zeros((4, 1), int), ValueError, r"labels of shape \(4, 1\)"),
-        (np.zeros((4, 3)), np.zeros(5, int), ValueError, r"expected labels of shape \(4,\)"),
-        (np.zeros((4, 3)), np.zeros(4), TypeError, "integer class indices, got dtype float"),
-    ],
+  "logits, labels, error, match",
+  [
+    (np.zeros((4, 1)), np.zeros(4, int), ValueError, r"at least 2 classes, got shape \(4, 1\)"),
+    (np.zeros((4, 3), int), np.zeros(4, int), TypeError, "floating point, got dtype int"),
+    (np.zeros((4, 3)), np.zeros((4, 1), int), ValueError, r"labels of shape \(4, 1\)"),
+    (np.zeros((4, 3)), np.zeros(5, int), ValueError, r"expected labels of shape \(4,\)"),
+    (np.zeros((4, 3)), np.zeros(4), TypeError, "integer class indices, got dtype float"),
+  ],
 )
 @pytest.mark.parametrize("fn", [aace_jax.aace_cross_entropy, aace_jax.cross_entropy, aace_jax.aace_targets])
 def test_bad_inputs_raise_before_compiling(fn, logits, labels, error, match):
@@ -209,7 +208,7 @@ def test_out_of_range_labels_are_nan_under_jit():
   logits = jnp.zeros((3, 4))
   labels = jnp.array([0, 4, -1])
   for fn in (aace_jax.aace_cross_entropy, aace_jax.cross_entropy):
-    loss, grad = jax.value_and_grad(lambda z: jax.jit(fn)(z, labels).sum())(logits)
+    loss, grad = jax.value_and_grad(lambda z, fn=fn: jax.jit(fn)(z, labels).sum())(logits)
     assert np.isnan(loss)
     per_example = jax.jit(fn)(logits, labels)
     assert np.isfinite(per_example[0]) and np.all(np.isnan(per_example[1:]))
@@ -243,8 +242,10 @@ def test_kl_divergence_matches_the_authors_logged_value(mode, threshold):
   with jax.enable_x64(True):
     kl = np.asarray(aace_jax.aace_kl_divergence(LOGITS, LABELS, threshold=threshold, mode=mode))
     ce = np.asarray(aace_jax.aace_cross_entropy(LOGITS, LABELS, threshold=threshold, mode=mode))
-    grads = [np.asarray(jax.grad(lambda z, f=f: f(z, LABELS, threshold=threshold, mode=mode).sum())(LOGITS))
-             for f in (aace_jax.aace_kl_divergence, aace_jax.aace_cross_entropy)]
+    grads = [
+      np.asarray(jax.grad(lambda z, f=f: f(z, LABELS, threshold=threshold, mode=mode).sum())(LOGITS))
+      for f in (aace_jax.aace_kl_divergence, aace_jax.aace_cross_entropy)
+    ]
   expected = authors_kl(LOGITS, authors_targets(LOGITS, LABELS, threshold, mode))
   np.testing.assert_allclose(kl, expected, rtol=1e-12, atol=1e-14)
   assert np.all(ce - kl > 0)  # the entropy of q: what CE(q, p) adds to the logged value
@@ -252,7 +253,7 @@ def test_kl_divergence_matches_the_authors_logged_value(mode, threshold):
 
 
 def test_kl_divergence_is_minus_log_one_minus_p_y_and_finite_when_confident():
-  p_y = softmax(LOGITS)[np.arange(6), LABELS]
+  p_y = np_softmax(LOGITS)[np.arange(6), LABELS]
   with jax.enable_x64(True):
     np.testing.assert_allclose(aace_jax.aace_kl_divergence(LOGITS, LABELS), -np.log1p(-p_y), rtol=1e-12)
   confident = jnp.array([[30.0, 0.0, -2.0, 1.0]], jnp.bfloat16)  # 1 - p_y underflows to 0 in float32

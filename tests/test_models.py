@@ -42,14 +42,14 @@ def test_pyramidnet272_bottleneck_parameter_count():
 
 
 @pytest.mark.parametrize(
-    "model",
-    [
-        models.WideResNet(10, 2, 7),
-        models.PyramidNet(20, 24, 7),
-        models.PyramidNet(29, 24, 7, bottleneck=True),
-        models.SmallCNN(7),
-    ],
-    ids=["wrn", "pyramidnet", "pyramidnet_bottleneck", "small_cnn"],
+  "model",
+  [
+    models.WideResNet(10, 2, 7),
+    models.PyramidNet(20, 24, 7),
+    models.PyramidNet(29, 24, 7, bottleneck=True),
+    models.SmallCNN(7),
+  ],
+  ids=["wrn", "pyramidnet", "pyramidnet_bottleneck", "small_cnn"],
 )
 @pytest.mark.parametrize("image_shape", [(32, 32, 3), (28, 28, 1)])
 def test_any_image_size_gives_logits(model, image_shape):
@@ -90,12 +90,12 @@ def test_create_model_rejects_unknown_names():
 # Every architecture of the registry; PyramidNet at a small depth, since the jitted
 # reference init of PyramidNet-272 alone compiles for minutes (it is the same class).
 INIT_MODELS = {
-    "linear": models.Linear(10),
-    "small_cnn": models.SmallCNN(10),
-    "wrn16_4": models.WideResNet(16, 4, 10),
-    "wrn28_10": models.WideResNet(28, 10, 100),
-    "pyramidnet20": models.PyramidNet(20, 48, 10),
-    "pyramidnet29_bottleneck": models.PyramidNet(29, 48, 10, bottleneck=True),
+  "linear": models.Linear(10),
+  "small_cnn": models.SmallCNN(10),
+  "wrn16_4": models.WideResNet(16, 4, 10),
+  "wrn28_10": models.WideResNet(28, 10, 100),
+  "pyramidnet20": models.PyramidNet(20, 48, 10),
+  "pyramidnet29_bottleneck": models.PyramidNet(29, 48, 10, bottleneck=True),
 }
 
 

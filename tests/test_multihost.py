@@ -14,11 +14,13 @@ WORKER = pathlib.Path(__file__).resolve().parent / "multihost_worker.py"
 def run_processes(num_processes, out):
   port = str(free_port())
   procs = [
-      subprocess.Popen(
-          [sys.executable, str(WORKER), str(i), str(num_processes), port, str(out)],
-          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      )
-      for i in range(num_processes)
+    subprocess.Popen(
+      [sys.executable, str(WORKER), str(i), str(num_processes), port, str(out)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(num_processes)
   ]
   try:
     outputs = [p.communicate(timeout=240)[0] for p in procs]

@@ -20,15 +20,15 @@ from tests.helpers import make_mlp_problem
 from tests.helpers import run_library
 
 CONFIGS = {
-    "aace_sam": (lambda opt: aace_jax.aace_sam(opt, 0.05), "aace"),
-    "aace_sam_normalized": (lambda opt: aace_jax.aace_sam(opt, 0.05, normalize=True), "aace"),
-    "aace_sam_adaptive": (lambda opt: aace_jax.aace_sam(opt, 0.05, adaptive=True), "aace"),
-    "sam": (lambda opt: aace_jax.sam(opt, 0.05), "ce"),
-    "asam": (lambda opt: aace_jax.sam(opt, 0.5, adaptive=True), "ce"),
-    "aace_sam_in_chain": (
-        lambda opt: optax.chain(optax.clip_by_global_norm(1e6), aace_jax.aace_sam(opt, 0.05)),
-        "aace",
-    ),
+  "aace_sam": (lambda opt: aace_jax.aace_sam(opt, 0.05), "aace"),
+  "aace_sam_normalized": (lambda opt: aace_jax.aace_sam(opt, 0.05, normalize=True), "aace"),
+  "aace_sam_adaptive": (lambda opt: aace_jax.aace_sam(opt, 0.05, adaptive=True), "aace"),
+  "sam": (lambda opt: aace_jax.sam(opt, 0.05), "ce"),
+  "asam": (lambda opt: aace_jax.sam(opt, 0.5, adaptive=True), "ce"),
+  "aace_sam_in_chain": (
+    lambda opt: optax.chain(optax.clip_by_global_norm(1e6), aace_jax.aace_sam(opt, 0.05)),
+    "aace",
+  ),
 }
 
 
@@ -69,8 +69,10 @@ def test_converges_on_logistic_regression(config):
   @jax.jit
   def step(params, state):
     updates, state = tx.update(
-        jax.grad(loss)(params, fn), state, params,
-        grad_fn=lambda w: jax.grad(loss)(w, aace_jax.cross_entropy),
+      jax.grad(loss)(params, fn),
+      state,
+      params,
+      grad_fn=lambda w: jax.grad(loss)(w, aace_jax.cross_entropy),
     )
     return optax.apply_updates(params, updates), state
 
@@ -107,7 +109,7 @@ def test_inject_hyperparams_schedules_rho_and_learning_rate():
   rho_schedule = optax.linear_schedule(0.0, 0.3, transition_steps=4)
   lr_schedule = optax.piecewise_constant_schedule(0.1, {2: 0.2})
   tx = optax.inject_hyperparams(aace_jax.aace_sam)(
-      optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=lr_schedule), rho=rho_schedule
+    optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=lr_schedule), rho=rho_schedule
   )
   a = jnp.array([1.0, 3.0])
   grad = lambda w: a * w  # of 0.5 * sum(a w^2)
@@ -159,7 +161,9 @@ class ScaleByExtraArg(optax.GradientTransformationExtraArgs):
 
   def __new__(cls):
     return super().__new__(
-        cls, lambda params: optax.EmptyState(), lambda g, s, p=None, *, factor, **_: (jax.tree.map(lambda x: -factor * x, g), s)
+      cls,
+      lambda params: optax.EmptyState(),
+      lambda g, s, p=None, *, factor, **_: (jax.tree.map(lambda x: -factor * x, g), s),
     )
 
 
@@ -194,7 +198,7 @@ def test_inject_hyperparams_gives_the_same_updates_and_state(config):
   # The injected factory above ignores rho: only the wrapping is under test.
   updates, state = jax.jit(lambda g, s, p: plain.update(g, s, p, grad_fn=grad_fn))(grads, plain.init(params), params)
   updates_i, state_i = jax.jit(lambda g, s, p: injected.update(g, s, p, grad_fn=grad_fn))(
-      grads, injected.init(params), params
+    grads, injected.init(params), params
   )
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), updates_i, updates)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), state_i.inner_state, state)
@@ -240,13 +244,13 @@ def test_base_optimizer_learning_rate_schedule(make):
 
 
 BASE_OPTIMIZERS = {
-    "sgd": lambda: optax.sgd(0.1),
-    "momentum": lambda: optax.sgd(0.1, momentum=0.9),
-    "nesterov": lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
-    "adam": lambda: optax.adam(0.01),
-    "adamw": lambda: optax.adamw(0.01, weight_decay=0.1),
-    "lion": lambda: optax.lion(0.001),
-    "weight_decay_then_sgd": lambda: optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1)),
+  "sgd": lambda: optax.sgd(0.1),
+  "momentum": lambda: optax.sgd(0.1, momentum=0.9),
+  "nesterov": lambda: optax.sgd(0.1, momentum=0.9, nesterov=True),
+  "adam": lambda: optax.adam(0.01),
+  "adamw": lambda: optax.adamw(0.01, weight_decay=0.1),
+  "lion": lambda: optax.lion(0.001),
+  "weight_decay_then_sgd": lambda: optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1)),
 }
 
 
@@ -262,12 +266,14 @@ def test_sam_equals_optax_contrib_sam_in_opaque_mode_float64(base):
     params = jax.tree.map(jnp.asarray, params)
     ours, _ = run_library(aace_jax.sam(BASE_OPTIMIZERS[base](), rho, eps=0.0), params, x, y, 5, aace_jax.cross_entropy)
     contrib = optax.contrib.sam(
-        BASE_OPTIMIZERS[base](), optax.chain(optax.contrib.normalize(), optax.sgd(rho)), sync_period=2, opaque_mode=True
+      BASE_OPTIMIZERS[base](), optax.chain(optax.contrib.normalize(), optax.sgd(rho)), sync_period=2, opaque_mode=True
     )
 
     @jax.jit
     def step(params, state):
-      updates, state = contrib.update(jax.grad(batch_loss)(params), state, params, grad_fn=lambda w, _: jax.grad(batch_loss)(w))
+      updates, state = contrib.update(
+        jax.grad(batch_loss)(params), state, params, grad_fn=lambda w, _: jax.grad(batch_loss)(w)
+      )
       return optax.apply_updates(params, updates), state
 
     theirs, state = params, contrib.init(params)
@@ -283,10 +289,18 @@ def test_aace_sam_equals_optax_contrib_sam_fed_aace_gradients():
   params, x, y = make_mlp_problem(seed=1)
   params = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), params)
   ours, _ = run_library(
-      aace_jax.aace_sam(optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)), 0.2), params, x, y, 10, aace_jax.aace_cross_entropy
+    aace_jax.aace_sam(optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)), 0.2),
+    params,
+    x,
+    y,
+    10,
+    aace_jax.aace_cross_entropy,
   )
   contrib = optax.contrib.sam(
-      optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)), optax.scale(0.2), sync_period=2, opaque_mode=True
+    optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9)),
+    optax.scale(0.2),
+    sync_period=2,
+    opaque_mode=True,
   )
 
   def batch_loss(params, fn):

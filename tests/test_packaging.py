@@ -39,7 +39,9 @@ def run(command, **kwargs):
 
 def test_sdist_and_wheel_build_check_and_install_alone(tmp_path):
   dist = tmp_path / "dist"
-  run([sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(dist), str(REPO)])
+  # The wheel is built from the sdist, as from a downloaded source: this proves the sdist complete
+  # and leaves no build/ folder in the checkout.
+  run([sys.executable, "-m", "build", "--outdir", str(dist), str(REPO)])
   wheels, sdists = sorted(dist.glob("*.whl")), sorted(dist.glob("*.tar.gz"))
   assert len(wheels) == 1 and len(sdists) == 1
   run([sys.executable, "-m", "twine", "check", "--strict", *map(str, wheels + sdists)])
@@ -50,8 +52,11 @@ def test_sdist_and_wheel_build_check_and_install_alone(tmp_path):
   assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
   assert not any(n.startswith(("train/", "tests/", "benchmarks/")) for n in names)  # the library alone
   assert "License-Expression: Apache-2.0" in metadata
-  requirements = sorted(line.split(":", 1)[1].strip() for line in metadata.splitlines()
-                        if line.startswith("Requires-Dist:") and "extra ==" not in line)
+  requirements = sorted(
+    line.split(":", 1)[1].strip()
+    for line in metadata.splitlines()
+    if line.startswith("Requires-Dist:") and "extra ==" not in line
+  )
   assert requirements == ["jax>=0.7", "numpy", "optax"]
 
   environment = tmp_path / "venv"

@@ -16,8 +16,9 @@ import textwrap
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.test_hardening import assert_same_checkpoint
-from tests.test_trainer import latest_checkpoint, small_config
+from tests.helpers import assert_same_checkpoint
+from tests.helpers import latest_checkpoint
+from tests.helpers import small_config
 from train import checkpointing
 from train import input_pipeline
 from train import train
@@ -101,8 +102,13 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("kill_point", ["during_checkpoint_write", "after_checkpoint_before_csv", "after_csv_row"])
 def test_sigkill_at_any_point_of_an_epoch_end_loses_nothing(tmp_path, uninterrupted, kill_point):
   workdir = tmp_path / "run"
-  killed = subprocess.run([sys.executable, "-c", DRIVER, "--workdir", str(workdir), *ARGS],
-                          capture_output=True, text=True, env=dict(ENV, KILL_POINT=kill_point), timeout=300)
+  killed = subprocess.run(
+    [sys.executable, "-c", DRIVER, "--workdir", str(workdir), *ARGS],
+    capture_output=True,
+    text=True,
+    env=dict(ENV, KILL_POINT=kill_point),
+    timeout=300,
+  )
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
   if kill_point == "after_checkpoint_before_csv":
     assert [r["epoch"] for r in read_rows(workdir)] == ["0"]  # the defect: the row was lost for good
@@ -157,17 +163,17 @@ def test_a_second_run_on_a_held_workdir_is_refused_and_a_stale_lock_is_taken(tmp
 
 
 @pytest.mark.parametrize(
-    "flag, message",
-    [
-        ("--config.log_every_steps=0", "log_every_steps must be >= 1, got 0"),
-        ("--config.eval_batch_size=0", "eval_batch_size must be >= 1, got 0"),
-        ("--config.checkpoint_max_to_keep=0", "checkpoint_max_to_keep must be >= 1, got 0"),
-        ("--config.halt_after_epochs=0", "halt_after_epochs must be >= 1 (or None), got 0"),
-        ("--config.learning_rate=inf", "learning_rate must be a finite number > 0, got inf"),
-        ("--config.weight_decay=nan", "weight_decay must be a finite number >= 0, got nan"),
-        ("--config.momentum=nan", "momentum must lie in [0, 1), got nan"),
-        ("--config.num_epoch=3", 'Did you mean "num_epochs" instead of "num_epoch"?'),
-    ],
+  "flag, message",
+  [
+    ("--config.log_every_steps=0", "log_every_steps must be >= 1, got 0"),
+    ("--config.eval_batch_size=0", "eval_batch_size must be >= 1, got 0"),
+    ("--config.checkpoint_max_to_keep=0", "checkpoint_max_to_keep must be >= 1, got 0"),
+    ("--config.halt_after_epochs=0", "halt_after_epochs must be >= 1 (or None), got 0"),
+    ("--config.learning_rate=inf", "learning_rate must be a finite number > 0, got inf"),
+    ("--config.weight_decay=nan", "weight_decay must be a finite number >= 0, got nan"),
+    ("--config.momentum=nan", "momentum must lie in [0, 1), got nan"),
+    ("--config.num_epoch=3", 'Did you mean "num_epochs" instead of "num_epoch"?'),
+  ],
 )
 def test_bad_values_fail_in_one_line_before_anything_is_written(tmp_path, flag, message):
   workdir = tmp_path / "run"
@@ -227,9 +233,13 @@ def test_failed_checkpoint_write_says_what_was_saved_last(monkeypatch, tmp_path)
     return save(self, step, *args, **kwargs)
 
   monkeypatch.setattr(ocp.CheckpointManager, "save", fails_after_the_first)
-  with pytest.raises(train.CheckpointError, match=(
+  with pytest.raises(
+    checkpointing.CheckpointError,
+    match=(
       r"writing the checkpoint of step 44 in .* failed \(OSError: \[Errno 28\] No space left on device\);"
-      r" the last checkpoint written whole is step 22\.")):
+      r" the last checkpoint written whole is step 22\."
+    ),
+  ):
     train.train_and_evaluate(small_config(), str(tmp_path / "run"))
   assert not (tmp_path / "run" / "lock").exists()
 

@@ -9,16 +9,12 @@ import pytest
 import aace_jax
 from tests.helpers import jax_mlp
 from tests.helpers import make_mlp_problem
+from tests.helpers import np_softmax
 from tests.helpers import run_library
 
 # ---------------------------------------------------------------------------
 # A NumPy restatement of the authors' step (method.md), float64, by hand.
 # ---------------------------------------------------------------------------
-
-
-def np_softmax(z):
-  e = np.exp(z - z.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
 
 
 def np_mlp_grads(params, x, y, loss):
@@ -35,10 +31,10 @@ def np_mlp_grads(params, x, y, loss):
   dz = (p - target) / len(x)
   dh = dz @ params["w2"].T * (1 - hidden**2)
   return {
-      "w1": x.T @ dh,
-      "b1": dh.sum(0),
-      "w2": hidden.T @ dz,
-      "b2": dz.sum(0),
+    "w1": x.T @ dh,
+    "b1": dh.sum(0),
+    "w2": hidden.T @ dz,
+    "b2": dz.sum(0),
   }
 
 
@@ -78,8 +74,15 @@ def test_parity_with_authors_update_float64(method, normalize, adaptive):
     rho, loss, fn = 0.05, "ce", aace_jax.cross_entropy
     tx = aace_jax.sam(base_optimizer(), rho, normalize=normalize, adaptive=adaptive)
   expected, grad_norm, perturbation_norm = np_authors_training(
-      params, x, y, 5, rho, perturbation_loss=loss, ascent=method == "sam",
-      normalize=normalize, adaptive=adaptive,
+    params,
+    x,
+    y,
+    5,
+    rho,
+    perturbation_loss=loss,
+    ascent=method == "sam",
+    normalize=normalize,
+    adaptive=adaptive,
   )
   with jax.enable_x64(True):
     got, state = run_library(tx, jax.tree.map(jnp.asarray, params), x, y, 5, fn)
@@ -96,7 +99,7 @@ def test_parameters_actually_move():
   # Guards the parity test against comparing two frozen copies.
   params, x, y = make_mlp_problem()
   expected, _, _ = np_authors_training(
-      params, x, y, 5, 0.2, perturbation_loss="aace", ascent=False, normalize=False, adaptive=False
+    params, x, y, 5, 0.2, perturbation_loss="aace", ascent=False, normalize=False, adaptive=False
   )
   assert np.abs(expected["w1"] - params["w1"]).max() > 1e-3
 
@@ -202,17 +205,15 @@ def _quadratic_problem():
   return a, loss, jnp.array([1.0, -1.0])
 
 
-@pytest.mark.parametrize(
-    "form", ["grad", "value_and_grad", "value_and_grad_has_aux", "grad_has_aux"]
-)
+@pytest.mark.parametrize("form", ["grad", "value_and_grad", "value_and_grad_has_aux", "grad_has_aux"])
 def test_grad_fn_may_return_the_loss_without_a_third_pass(form):
   a, loss, w = _quadratic_problem()
   with_aux = lambda v: (loss(v), {"anything": jnp.ones(3)})
   grad_fn = {
-      "grad": jax.grad(loss),
-      "value_and_grad": jax.value_and_grad(loss),
-      "value_and_grad_has_aux": jax.value_and_grad(with_aux, has_aux=True),
-      "grad_has_aux": jax.grad(with_aux, has_aux=True),
+    "grad": jax.grad(loss),
+    "value_and_grad": jax.value_and_grad(loss),
+    "value_and_grad_has_aux": jax.value_and_grad(with_aux, has_aux=True),
+    "grad_has_aux": jax.grad(with_aux, has_aux=True),
   }[form]
   tx = aace_jax.aace_sam(optax.sgd(0.1), 0.2)
   updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(a * w, tx.init(w), w)
@@ -226,12 +227,12 @@ def test_grad_fn_may_return_the_loss_without_a_third_pass(form):
 
 
 @pytest.mark.parametrize(
-    "returned, match",
-    [
-        (lambda w: {"w": w}, r"structure and shapes of params"),
-        (lambda w: w[:1], r"shapes \[\(1,\)\]"),
-        (lambda w: (jnp.ones(2), w), r"value of shape \(2,\)"),
-    ],
+  "returned, match",
+  [
+    (lambda w: {"w": w}, r"structure and shapes of params"),
+    (lambda w: w[:1], r"shapes \[\(1,\)\]"),
+    (lambda w: (jnp.ones(2), w), r"value of shape \(2,\)"),
+  ],
 )
 def test_grad_fn_of_another_shape_is_a_clear_error(returned, match):
   w = jnp.ones(2)
@@ -321,14 +322,14 @@ def test_missing_grad_fn_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, match",
-    [
-        (dict(rho=-0.1), ValueError, r"rho must lie in \[0.0, inf\], got -0.1"),
-        (dict(rho=optax.constant_schedule(0.1)), TypeError, "inject_hyperparams"),
-        (dict(eps=-1.0), ValueError, "eps must lie in"),
-        (dict(normalize=1), TypeError, "normalize must be a bool, got 1"),
-        (dict(adaptive="yes"), TypeError, "adaptive must be a bool"),
-    ],
+  "kwargs, error, match",
+  [
+    (dict(rho=-0.1), ValueError, r"rho must lie in \[0.0, inf\], got -0.1"),
+    (dict(rho=optax.constant_schedule(0.1)), TypeError, "inject_hyperparams"),
+    (dict(eps=-1.0), ValueError, "eps must lie in"),
+    (dict(normalize=1), TypeError, "normalize must be a bool, got 1"),
+    (dict(adaptive="yes"), TypeError, "adaptive must be a bool"),
+  ],
 )
 @pytest.mark.parametrize("make", [aace_jax.aace_sam, aace_jax.sam])
 def test_bad_arguments(make, kwargs, error, match):

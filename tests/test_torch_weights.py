@@ -13,8 +13,9 @@ RNG = np.random.default_rng(0)
 
 
 def conv(x, w, stride=1, padding=1):
-  return jax.lax.conv_general_dilated(x, w, (stride, stride), [(padding, padding)] * 2,
-                                      dimension_numbers=("NCHW", "OIHW", "NCHW"))
+  return jax.lax.conv_general_dilated(
+    x, w, (stride, stride), [(padding, padding)] * 2, dimension_numbers=("NCHW", "OIHW", "NCHW")
+  )
 
 
 def batch_norm(sd, name, x):
@@ -74,8 +75,12 @@ def wrn_forward(sd, x, depth):
     y = conv(relu(batch_norm(sd, f"{b}.0.block.1_normalization", y)), sd[f"{b}.0.block.4_convolution.weight"])
     x = y + conv(a, sd[f"{b}.0.downsample.weight"], stride=1 if group == 0 else 2, padding=0)
     for unit in range(1, units + 1):
-      y = conv(relu(batch_norm(sd, f"{b}.{unit}.block.0_normalization", x)), sd[f"{b}.{unit}.block.2_convolution.weight"])
-      y = conv(relu(batch_norm(sd, f"{b}.{unit}.block.3_normalization", y)), sd[f"{b}.{unit}.block.6_convolution.weight"])
+      y = conv(
+        relu(batch_norm(sd, f"{b}.{unit}.block.0_normalization", x)), sd[f"{b}.{unit}.block.2_convolution.weight"]
+      )
+      y = conv(
+        relu(batch_norm(sd, f"{b}.{unit}.block.3_normalization", y)), sd[f"{b}.{unit}.block.6_convolution.weight"]
+      )
       x = x + y
   x = relu(batch_norm(sd, "f.4_normalization", x)).mean(axis=(2, 3))
   return x @ sd["f.8_classification.weight"].T + sd["f.8_classification.bias"]
@@ -115,7 +120,9 @@ def pyramid_forward(sd, x, widths):
     y = batch_norm(sd, f"{p}.bn3", y)
     shortcut = x
     if stride == 2:  # AvgPool2d(2, 2, ceil_mode=True) on even maps
-      shortcut = shortcut.reshape(*shortcut.shape[:2], shortcut.shape[2] // 2, 2, shortcut.shape[3] // 2, 2).mean((3, 5))
+      shortcut = shortcut.reshape(*shortcut.shape[:2], shortcut.shape[2] // 2, 2, shortcut.shape[3] // 2, 2).mean(
+        (3, 5)
+      )
     pad = y.shape[1] - shortcut.shape[1]
     x = y + jnp.pad(shortcut, ((0, 0), (0, pad), (0, 0), (0, 0)))
   x = relu(batch_norm(sd, "bn_final", x)).mean(axis=(2, 3))
@@ -124,8 +131,9 @@ def pyramid_forward(sd, x, widths):
 
 def ours(model, state_dict, architecture, blocks):
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
-  return torch_weights.from_authors(state_dict, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template),
-                                    architecture=architecture, blocks=blocks)
+  return torch_weights.from_authors(
+    state_dict, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template), architecture=architecture, blocks=blocks
+  )
 
 
 def test_wrn_weights_give_the_authors_forward():
@@ -154,12 +162,16 @@ def test_pyramidnet_weights_give_the_authors_forward():
 def test_wrong_shapes_and_names_are_named():
   sd = wrn_state_dict(10, 2, 7)
   model = models.WideResNet(10, 2, 10, units_per_group=2)  # 10 classes, the checkpoint has 7
-  with pytest.raises(ValueError, match=r"'f.8_classification.weight' has shape \(128, 7\).*has \(128, 10\)"):
+  with pytest.raises(
+    torch_weights.WeightsMismatch, match=r"'f.8_classification.weight' has shape \(128, 7\).*has \(128, 10\)"
+  ):
     ours(model, sd, "wrn", 2)
-  with pytest.raises(ValueError, match=r"'f.9_extra.weight' has no counterpart"):
+  with pytest.raises(torch_weights.WeightsMismatch, match=r"'f.9_extra.weight' has no counterpart"):
     ours(models.WideResNet(10, 2, 7, units_per_group=2), {**sd, "f.9_extra.weight": np.zeros(3)}, "wrn", 2)
   missing = {k: v for k, v in sd.items() if not k.startswith("f.4_normalization")}
-  with pytest.raises(ValueError, match="no tensor of the checkpoint fills our batch_stats/BatchNorm_0/mean"):
+  with pytest.raises(
+    torch_weights.WeightsMismatch, match="no tensor of the checkpoint fills our batch_stats/BatchNorm_0/mean"
+  ):
     ours(models.WideResNet(10, 2, 7, units_per_group=2), missing, "wrn", 2)
 
 
@@ -172,19 +184,21 @@ def test_the_paper_networks_have_the_authors_parameter_counts():
   assert count(models.create_model("pyramidnet272", 100)) == 41_131_331
   # And the mapping covers those networks' own names: their state dict at full size maps without error.
   sd = wrn_state_dict(28, 10, 100)
-  shapes = jax.eval_shape(lambda: models.create_model("wrn28_10_authors", 100).init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
-  mapped = torch_weights.from_authors(sd, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes),
-                                      architecture="wrn", blocks=5)
+  shapes = jax.eval_shape(
+    lambda: models.create_model("wrn28_10_authors", 100).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  )
+  mapped = torch_weights.from_authors(
+    sd, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes), architecture="wrn", blocks=5
+  )
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(mapped["params"])) == 46_218_164
 
 
 def test_evaluate_maps_evaluates_and_checkpoints_the_authors_weights(tmp_path):
   import tensorflow_datasets as tfds
 
-  from tests.test_trainer import latest_checkpoint
+  from tests.helpers import latest_checkpoint
+  from train import config_checks
   from train import evaluate
-  from train import train
   from train.configs import paper
 
   config = paper.get_config("wrn28_10,cifar10,aace_sam")
@@ -197,8 +211,11 @@ def test_evaluate_maps_evaluates_and_checkpoints_the_authors_weights(tmp_path):
   step, tree = latest_checkpoint(str(tmp_path / "run"))
   assert step == 0
   np.testing.assert_array_equal(tree["params"]["Dense_0"]["kernel"], sd["f.8_classification.weight"].T)
-  np.testing.assert_array_equal(tree["params"]["WideResNetUnit_5"]["Conv_0"]["kernel"],
-                                sd["f.2_block.block.0.downsample.weight"].transpose(2, 3, 1, 0))
-  np.testing.assert_array_equal(tree["model_state"]["batch_stats"]["BatchNorm_0"]["var"],
-                                sd["f.4_normalization.running_var"])
-  train.check_resumable(config, str(tmp_path / "run"))  # the trainer accepts the workdir to fine-tune from
+  np.testing.assert_array_equal(
+    tree["params"]["WideResNetUnit_5"]["Conv_0"]["kernel"],
+    sd["f.2_block.block.0.downsample.weight"].transpose(2, 3, 1, 0),
+  )
+  np.testing.assert_array_equal(
+    tree["model_state"]["batch_stats"]["BatchNorm_0"]["var"], sd["f.4_normalization.running_var"]
+  )
+  config_checks.check_resumable(config, str(tmp_path / "run"))  # the trainer accepts the workdir to fine-tune from

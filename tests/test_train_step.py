@@ -7,12 +7,16 @@ import optax
 import pytest
 
 import aace_jax
-from tests.helpers import BatchNormNet, first_pass_batch_stats, hand_step, make_batch, mlp_apply, mlp_params
-
+from tests.helpers import BatchNormNet
+from tests.helpers import first_pass_batch_stats
+from tests.helpers import hand_step
+from tests.helpers import make_batch
+from tests.helpers import mlp_apply
+from tests.helpers import mlp_params
 
 METHODS = {
-    "aace_sam": (lambda: aace_jax.aace_sam(optax.sgd(0.1, momentum=0.9), 0.2), aace_jax.aace_cross_entropy),
-    "sam": (lambda: aace_jax.sam(optax.sgd(0.1, momentum=0.9), 0.05), aace_jax.cross_entropy),
+  "aace_sam": (lambda: aace_jax.aace_sam(optax.sgd(0.1, momentum=0.9), 0.2), aace_jax.aace_cross_entropy),
+  "sam": (lambda: aace_jax.sam(optax.sgd(0.1, momentum=0.9), 0.05), aace_jax.cross_entropy),
 }
 
 
@@ -49,19 +53,19 @@ def test_metrics_are_the_quantities_they_name():
   w_adv = jax.tree.map(lambda w, gi: w - rho * gi, params, g)
   g2 = jax.grad(mean_loss)(w_adv, aace_jax.cross_entropy)
   expected = {
-      "ce_loss": mean_loss(params, aace_jax.cross_entropy),
-      "perturbation_loss": mean_loss(params, aace_jax.aace_cross_entropy),
-      "loss": mean_loss(w_adv, aace_jax.cross_entropy),
-      "accuracy": np.mean(np.argmax(logits, -1) == batch["label"]),
-      "perturbation_grad_norm": g_norm,
-      "perturbation_norm": rho * g_norm,
-      "grad_norm": np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(g2))),
-      "skipped_steps": 0.0,
+    "loss": mean_loss(params, aace_jax.cross_entropy),
+    "perturbation_loss": mean_loss(params, aace_jax.aace_cross_entropy),
+    "perturbed_loss": mean_loss(w_adv, aace_jax.cross_entropy),
+    "accuracy": np.mean(np.argmax(logits, -1) == batch["label"]),
+    "perturbation_grad_norm": g_norm,
+    "perturbation_norm": rho * g_norm,
+    "grad_norm": np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(g2))),
+    "skipped_steps": 0.0,
   }
   assert set(expected) == set(metrics)
   for k, v in expected.items():
     np.testing.assert_allclose(metrics[k], v, rtol=1e-5, err_msg=k)
-  assert metrics["loss"] > metrics["ce_loss"]  # the perturbation is adversarial
+  assert metrics["perturbed_loss"] > metrics["loss"]  # the perturbation is adversarial
 
 
 def test_plain_optimizer_is_one_pass_sgd_and_reports_learning_rate():
@@ -79,10 +83,12 @@ def test_plain_optimizer_is_one_pass_sgd_and_reports_learning_rate():
   state, metrics = step(state, batch)
   state, metrics = step(state, batch)
   assert len(calls) == 1  # one forward pass, traced once
-  mean_loss = lambda p: aace_jax.cross_entropy(mlp_apply(p, {}, batch["image"], train=True, rng=None)[0], batch["label"]).mean()
+  mean_loss = lambda p: aace_jax.cross_entropy(
+    mlp_apply(p, {}, batch["image"], train=True, rng=None)[0], batch["label"]
+  ).mean()
   expected = params
   for lr in (0.1, 0.09):
-    expected = jax.tree.map(lambda w, g: w - lr * g, expected, jax.grad(mean_loss)(expected))
+    expected = jax.tree.map(lambda w, g, lr=lr: w - lr * g, expected, jax.grad(mean_loss)(expected))
   for k in expected:
     np.testing.assert_allclose(state.params[k], expected[k], rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(metrics["learning_rate"], 0.09, rtol=1e-6)
@@ -92,7 +98,7 @@ def test_plain_optimizer_is_one_pass_sgd_and_reports_learning_rate():
 def test_learning_rate_of_an_injected_optimizer_inside_an_injected_sam():
   # The README's form for scheduling rho and the learning rate together.
   tx = optax.inject_hyperparams(aace_jax.aace_sam)(
-      optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=optax.linear_schedule(0.3, 0.0, 3)), rho=0.1
+    optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=optax.linear_schedule(0.3, 0.0, 3)), rho=0.1
   )
   state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
   step = jax.jit(aace_jax.make_train_step(mlp_apply, tx))
@@ -143,21 +149,28 @@ def test_batchnorm_statistics_come_from_the_first_pass_only():
   variables = model.init(jax.random.key(0), batch["image"], train=False)
   tx = aace_jax.aace_sam(optax.sgd(0.1), 0.5)
   state = aace_jax.TrainState.create(
-      params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
+    params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
   )
   new_state, _ = jax.jit(aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx))(state, batch)
 
   def stats_at(params):
     _, updates = model.apply(
-        {"params": params, "batch_stats": variables["batch_stats"]}, batch["image"], train=True, mutable=["batch_stats"]
+      {"params": params, "batch_stats": variables["batch_stats"]}, batch["image"], train=True, mutable=["batch_stats"]
     )
     return updates["batch_stats"]
 
   first_pass = stats_at(variables["params"])
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_state.model_state["batch_stats"], first_pass)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    new_state.model_state["batch_stats"],
+    first_pass,
+  )
+
   # The perturbed pass would have given other statistics: the test can tell them apart.
   def mean_aace(p):
-    logits = model.apply({"params": p, "batch_stats": variables["batch_stats"]}, batch["image"], train=True, mutable=["batch_stats"])[0]
+    logits = model.apply(
+      {"params": p, "batch_stats": variables["batch_stats"]}, batch["image"], train=True, mutable=["batch_stats"]
+    )[0]
     return aace_jax.aace_cross_entropy(logits, batch["label"]).mean()
 
   w_adv = jax.tree.map(lambda w, g: w - 0.5 * g, variables["params"], jax.grad(mean_aace)(variables["params"]))
@@ -203,11 +216,11 @@ def test_gradient_accumulation_equals_the_big_batch(method):
   (big, big_metrics), (accumulated, accumulated_metrics) = results
   for key in big.params:
     np.testing.assert_allclose(accumulated.params[key], big.params[key], rtol=1e-5, atol=1e-6)
-  for name in ("loss", "ce_loss", "perturbation_norm", "grad_norm", "accuracy"):
+  for name in ("loss", "perturbed_loss", "perturbation_norm", "grad_norm", "accuracy"):
     np.testing.assert_allclose(accumulated_metrics[name], big_metrics[name], rtol=1e-5, err_msg=name)
   with pytest.raises(ValueError, match="a batch of 32 examples does not split into grad_accum_steps=3"):
     jax.jit(aace_jax.make_train_step(mlp_apply, tx, grad_accum_steps=3))(
-        aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0)), batch
+      aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0)), batch
     )
 
 
@@ -217,12 +230,14 @@ def test_gradient_accumulation_averages_batchnorm_statistics():
   variables = model.init(jax.random.key(0), batch["image"], train=False)
   tx = aace_jax.aace_sam(optax.sgd(0.1), 0.2)
   state = aace_jax.TrainState.create(
-      params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
+    params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
   )
   new_state, _ = jax.jit(aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx, grad_accum_steps=2))(state, batch)
   halves = [first_pass_batch_stats(model, variables, batch["image"][i * 16 : (i + 1) * 16]) for i in range(2)]
   expected = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_state.model_state["batch_stats"], expected)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_state.model_state["batch_stats"], expected
+  )
 
 
 @pytest.mark.parametrize("method", ["sgd", "aace_sam"])
@@ -232,7 +247,7 @@ def test_nonfinite_batch_is_skipped(method):
   variables = model.init(jax.random.key(0), batch["image"], train=False)
   tx = optax.sgd(0.1, momentum=0.9) if method == "sgd" else aace_jax.aace_sam(optax.sgd(0.1, momentum=0.9), 0.2)
   state = aace_jax.TrainState.create(
-      params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
+    params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
   )
   step = jax.jit(aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx))
   state, metrics = step(state, batch)
@@ -241,8 +256,10 @@ def test_nonfinite_batch_is_skipped(method):
   skipped, metrics = step(state, poisoned)
   assert metrics["skipped_steps"] == 1
   assert int(skipped.step) == int(state.step) + 1
-  for before, after in zip(jax.tree.leaves((state.params, state.model_state, state.opt_state)),
-                           jax.tree.leaves((skipped.params, skipped.model_state, skipped.opt_state))):
+  for before, after in zip(
+    jax.tree.leaves((state.params, state.model_state, state.opt_state)),
+    jax.tree.leaves((skipped.params, skipped.model_state, skipped.opt_state)),
+  ):
     np.testing.assert_array_equal(after, before)
   recovered, metrics = step(skipped, batch)
   assert metrics["skipped_steps"] == 0
@@ -262,13 +279,13 @@ def test_step_that_would_make_the_state_nonfinite_is_skipped(case):
   batch = make_batch(n=32)
   variables = model.init(jax.random.key(0), batch["image"], train=False)
   base = {
-      "learning_rate": optax.sgd(jnp.inf),
-      "weight_decay": optax.chain(optax.add_decayed_weights(jnp.nan), optax.sgd(0.1)),
-      "batch_stats": optax.sgd(0.1),
+    "learning_rate": optax.sgd(jnp.inf),
+    "weight_decay": optax.chain(optax.add_decayed_weights(jnp.nan), optax.sgd(0.1)),
+    "batch_stats": optax.sgd(0.1),
   }[case]
   tx = aace_jax.aace_sam(base, 0.2)
   state = aace_jax.TrainState.create(
-      params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
+    params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
   )
   if case == "batch_stats":
     # One huge but finite input: its squares overflow float32 in the running variance.
@@ -276,8 +293,9 @@ def test_step_that_would_make_the_state_nonfinite_is_skipped(case):
   step = jax.jit(aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx))
   new, metrics = step(state, batch)
   assert metrics["skipped_steps"] == 1
-  for before, after in zip(jax.tree.leaves((state.params, state.model_state)),
-                           jax.tree.leaves((new.params, new.model_state)), strict=True):
+  for before, after in zip(
+    jax.tree.leaves((state.params, state.model_state)), jax.tree.leaves((new.params, new.model_state)), strict=True
+  ):
     np.testing.assert_array_equal(after, before)
 
 
@@ -294,8 +312,11 @@ def test_extra_metrics_are_batch_means_on_the_first_pass_logits():
   params, batch = mlp_params(), make_batch()
   state = aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
   top_class = lambda logits, labels: (jnp.argmax(logits, -1) == 0).astype(jnp.float32)  # noqa: E731
-  step = jax.jit(aace_jax.make_train_step(mlp_apply, tx, extra_metrics={
-      "aace_kl": aace_jax.aace_kl_divergence, "picks_class_0": top_class}))
+  step = jax.jit(
+    aace_jax.make_train_step(
+      mlp_apply, tx, extra_metrics={"aace_kl": aace_jax.aace_kl_divergence, "picks_class_0": top_class}
+    )
+  )
   _, metrics = step(state, batch)
   logits, _ = mlp_apply(params, {}, batch["image"], train=True, rng=None)  # at w, before the update
   np.testing.assert_allclose(metrics["aace_kl"], aace_jax.aace_kl_divergence(logits, batch["label"]).mean(), rtol=1e-6)

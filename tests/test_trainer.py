@@ -1,6 +1,5 @@
 """End-to-end runs of the reference trainer on digits and mock CIFAR-10."""
 
-import csv
 import glob
 import json
 import os
@@ -9,34 +8,22 @@ import struct
 import subprocess
 import sys
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from tensorboardX.proto import event_pb2
 
+from tests.helpers import assert_same_checkpoint
+from tests.helpers import latest_checkpoint
+from tests.helpers import read_csv
+from tests.helpers import small_config
+from train import config_checks
 from train import input_pipeline
+from train import optimizers
 from train import train
-from train.configs import default
+from train import workdir as workdir_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def small_config(**overrides):
-  config = default.get_config()
-  config.num_epochs = 2
-  config.batch_size = 64
-  config.eval_batch_size = 128
-  config.log_every_steps = 5
-  for key, value in overrides.items():
-    config[key] = value
-  return config
-
-
-def read_csv(workdir):
-  with open(os.path.join(workdir, "metrics.csv"), newline="") as f:
-    return list(csv.DictReader(f))
 
 
 def read_events(workdir):
@@ -54,26 +41,13 @@ def read_events(workdir):
   return scalars
 
 
-def latest_checkpoint(workdir):
-  """The newest checkpoint as host arrays, whatever device layout wrote it."""
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")), item_handlers=ocp.StandardCheckpointHandler()
-  )
-  step = manager.latest_step()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), manager.item_metadata(step))
-  tree = jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(target)))
-  manager.close()
-  return step, tree
-
-
 def test_digits_run_writes_every_output(tmp_path):
   workdir = str(tmp_path / "run")
   result = train.train_and_evaluate(small_config(), workdir)
   assert result["finished"] and result["epoch"] == 1
   rows = read_csv(workdir)
   assert [int(r["epoch"]) for r in rows] == [0, 1]
-  assert tuple(rows[0]) == train.CSV_COLUMNS
+  assert tuple(rows[0]) == workdir_files.CSV_COLUMNS
   assert all(np.isfinite(float(v)) for row in rows for v in row.values())
   assert float(rows[1]["val_acc"]) == pytest.approx(result["val_acc"])
   assert float(rows[0]["avg_perturbation"]) > 0 and float(rows[0]["avg_grad_norm"]) > 0
@@ -97,13 +71,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
   assert not halted["finished"] and halted["epoch"] == 0
   train.train_and_evaluate(small_config(), resumed)
 
-  step_a, tree_a = latest_checkpoint(straight)
-  step_b, tree_b = latest_checkpoint(resumed)
-  assert step_a == step_b
-  leaves_a, leaves_b = ocp.tree.to_flat_dict(tree_a), ocp.tree.to_flat_dict(tree_b)
-  assert leaves_a.keys() == leaves_b.keys()
-  for key in leaves_a:
-    np.testing.assert_array_equal(leaves_a[key], leaves_b[key], err_msg=str(key))
+  assert_same_checkpoint(straight, resumed)
   rows_a, rows_b = read_csv(straight), read_csv(resumed)
   assert len(rows_b) == 2  # one header, no duplicate rows
   for row_a, row_b in zip(rows_a, rows_b):
@@ -114,8 +82,14 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
 
 
 def test_mock_cifar10_run(tmp_path):
-  config = small_config(dataset="cifar10", num_epochs=1, batch_size=16, eval_batch_size=16, optimizer="sam",
-                        decoded_cache_dir=str(tmp_path / "decoded"))
+  config = small_config(
+    dataset="cifar10",
+    num_epochs=1,
+    batch_size=16,
+    eval_batch_size=16,
+    optimizer="sam",
+    decoded_cache_dir=str(tmp_path / "decoded"),
+  )
   with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
     result = train.train_and_evaluate(config, str(tmp_path / "cifar"))
   assert result["finished"]
@@ -136,31 +110,35 @@ def test_every_optimizer_trains(tmp_path, optimizer):
 def test_learning_rate_schedule_is_the_authors():
   # 10 epochs of 7 steps: x0.2 from epoch 3, 6 and 8, taking effect one step late.
   config = small_config(num_epochs=10)
-  schedule = train.learning_rate_schedule(config, steps_per_epoch=7)
+  schedule = optimizers.learning_rate_schedule(config, steps_per_epoch=7)
   expected = {0: 0.1, 21: 0.1, 22: 0.02, 42: 0.02, 43: 0.004, 56: 0.004, 57: 0.0008, 69: 0.0008}
   for step, lr in expected.items():
     assert float(schedule(step)) == pytest.approx(lr), step
 
 
 @pytest.mark.parametrize(
-    "overrides, message",
-    [
-        (dict(optimizer="adam"), "optimizer 'adam' is not one of"),
-        (dict(dataset="imagenet"), "dataset 'imagenet' is not one of"),
-        (dict(rho=-0.1), "rho must be >= 0, got -0.1"),
-        (dict(model="resnet"), "model 'resnet' is not one of"),
-    ],
+  "overrides, message",
+  [
+    (dict(optimizer="adam"), "optimizer 'adam' is not one of"),
+    (dict(dataset="imagenet"), "dataset 'imagenet' is not one of"),
+    (dict(model="resnet"), "model 'resnet' is not one of"),
+    # The method's arguments are checked by the library, with its messages and ranges.
+    (dict(rho=-0.1), r"field rho: aace_sam: rho must lie in \[0.0, inf\], got -0.1"),
+    (dict(aace_threshold=1.5), r"field aace_threshold: aace_cross_entropy: threshold must lie in \[0.0, 1.0\]"),
+    (dict(aace_mode="soft"), r"field aace_mode: aace_cross_entropy: mode must be one of"),
+    (dict(label_smoothing=-0.1), r"field label_smoothing: cross_entropy: label_smoothing must lie in"),
+  ],
 )
 def test_bad_config_fails_before_writing(tmp_path, overrides, message):
   workdir = tmp_path / "run"
-  with pytest.raises(train.ConfigError, match=message):
+  with pytest.raises(config_checks.ConfigError, match=message):
     train.train_and_evaluate(small_config(**overrides), str(workdir))
   assert not workdir.exists()
 
 
 def test_batch_not_divisible_by_devices(monkeypatch, tmp_path):
   monkeypatch.setattr(train.jax, "device_count", lambda: 8)
-  with pytest.raises(train.ConfigError, match="batch_size 60 is not divisible by the 8 devices"):
+  with pytest.raises(config_checks.ConfigError, match="batch_size 60 is not divisible by the 8 devices"):
     train.train_and_evaluate(small_config(batch_size=60), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
@@ -178,27 +156,32 @@ def test_out_of_range_labels_fail_before_writing(monkeypatch, tmp_path):
 def test_resuming_with_another_config_is_refused(tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(small_config(num_epochs=1), workdir)
-  with pytest.raises(train.ConfigError, match="fields model differ"):
+  with pytest.raises(config_checks.ConfigError, match="fields model differ"):
     train.train_and_evaluate(small_config(num_epochs=1, model="wrn16_4"), workdir)
 
 
 def run_main(*args, timeout=300):
   return subprocess.run(
-      [sys.executable, str(REPO / "train" / "main.py"), *args],
-      capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    [sys.executable, str(REPO / "train" / "main.py"), *args],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=REPO,
   )
 
 
 @pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--config.optimizer=adam"], "error: Bad config: optimizer 'adam' is not one of"),
-        (["--config.rho=-1"], "error: Bad config: rho must be >= 0, got -1.0"),
-        (["--config.dataset=svhn"], "error: Bad config: dataset 'svhn' is not one of"),
-        (["--config.no_such_field=1"], "no_such_field"),
-        (["--config", "train/configs/wrn28_10_cifar100.py", "--config.data_dir=/nonexistent"],
-         "tfds build cifar100 --file_format=array_record"),
-    ],
+  "args, message",
+  [
+    (["--config.optimizer=adam"], "error: Bad config: optimizer 'adam' is not one of"),
+    (["--config.rho=-1"], "error: Bad config field rho: aace_sam: rho must lie in [0.0, inf], got -1.0"),
+    (["--config.dataset=svhn"], "error: Bad config: dataset 'svhn' is not one of"),
+    (["--config.no_such_field=1"], "no_such_field"),
+    (
+      ["--config", "train/configs/wrn28_10_cifar100.py", "--config.data_dir=/nonexistent"],
+      "tfds build cifar100 --file_format=array_record",
+    ),
+  ],
 )
 def test_main_rejects_bad_input_in_one_line(tmp_path, args, message):
   workdir = tmp_path / "run"
@@ -228,11 +211,7 @@ def test_split_on_the_devices_trains_exactly_like_host_batches(tmp_path):
   host, device = str(tmp_path / "host"), str(tmp_path / "device")
   train.train_and_evaluate(small_config(num_epochs=1), host)
   train.train_and_evaluate(small_config(num_epochs=1, data_on_device=True), device)
-  step_a, tree_a = latest_checkpoint(host)
-  step_b, tree_b = latest_checkpoint(device)
-  assert step_a == step_b
-  for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b), strict=True):
-    np.testing.assert_array_equal(a, b)
+  assert_same_checkpoint(host, device)
   assert read_csv(host)[0]["train_loss"] == read_csv(device)[0]["train_loss"]
 
 
@@ -258,7 +237,7 @@ def test_paper_configs_are_the_authors_runs(model, dataset):
 
   runs = {method: paper.get_config(f"{model},{dataset},{method}") for method in ("sgd", "sam", "aace_sam")}
   for config in runs.values():
-    train.check_config(config, device_count=None)
+    config_checks.check_config(config, device_count=None)
     assert config.dataset == dataset and config.learning_rate == 0.1 and config.momentum == 0.9
     assert config.weight_decay == 5e-4 and tuple(config.lr_milestones) == (0.3, 0.6, 0.8) and config.seed == 42
   assert runs["sgd"].num_epochs == 400 and runs["sam"].num_epochs == runs["aace_sam"].num_epochs == 200
@@ -270,21 +249,48 @@ def test_paper_configs_are_the_authors_runs(model, dataset):
 
 def test_compare_plans_the_paper_table_with_the_command_line_overrides():
   result = subprocess.run(
-      [sys.executable, str(REPO / "train" / "compare.py"), "--paper", "pyramidnet272", "--datasets",
-       "cifar10,food101", "--seeds", "2", "--config.num_epochs=7", "--dry_run"],
-      capture_output=True, text=True, timeout=120, cwd=REPO,
+    [
+      sys.executable,
+      str(REPO / "train" / "compare.py"),
+      "--paper",
+      "pyramidnet272",
+      "--datasets",
+      "cifar10,food101",
+      "--seeds",
+      "2",
+      "--config.num_epochs=7",
+      "--dry_run",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=REPO,
   )
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.strip().splitlines()
-  assert lines == [f"would run {m} on {d} (pyramidnet272, 7 epochs) x 2 seeds"
-                   for d in ("cifar10", "food101") for m in ("sgd", "sam", "aace_sam")]
+  assert lines == [
+    f"would run {m} on {d} (pyramidnet272, 7 epochs) x 2 seeds"
+    for d in ("cifar10", "food101")
+    for m in ("sgd", "sam", "aace_sam")
+  ]
 
 
 def test_compare_runs_the_three_methods(tmp_path):
   result = subprocess.run(
-      [sys.executable, str(REPO / "train" / "compare.py"), "--seeds", "1", "--workdir", str(tmp_path),
-       "--config.num_epochs=1", "--config.compilation_cache=False"],
-      capture_output=True, text=True, timeout=300, cwd=REPO,
+    [
+      sys.executable,
+      str(REPO / "train" / "compare.py"),
+      "--seeds",
+      "1",
+      "--workdir",
+      str(tmp_path),
+      "--config.num_epochs=1",
+      "--config.compilation_cache=False",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=REPO,
   )
   assert result.returncode == 0, result.stderr[-2000:]
   table = (tmp_path / "compare.md").read_text()
@@ -302,8 +308,4 @@ def test_resumed_run_restores_into_shapes_without_initializing(monkeypatch, tmp_
 
   monkeypatch.setattr(train.models, "init_variables", no_init)
   assert train.train_and_evaluate(small_config(), resumed)["finished"]
-  step_a, tree_a = latest_checkpoint(straight)
-  step_b, tree_b = latest_checkpoint(resumed)
-  assert step_a == step_b
-  for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b), strict=True):
-    np.testing.assert_array_equal(a, b)
+  assert_same_checkpoint(straight, resumed)

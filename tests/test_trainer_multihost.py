@@ -6,22 +6,32 @@ import signal
 import subprocess
 import sys
 
-import jax
-import numpy as np
-
+from tests.helpers import assert_same_checkpoint
 from tests.helpers import free_port
-from tests.test_trainer import latest_checkpoint, read_csv
+from tests.helpers import latest_checkpoint
+from tests.helpers import read_csv
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = ["--config.num_epochs=1", "--config.batch_size=64", "--config.eval_batch_size=128",
-          "--config.compilation_cache=False"]
+CONFIG = [
+  "--config.num_epochs=1",
+  "--config.batch_size=64",
+  "--config.eval_batch_size=128",
+  "--config.compilation_cache=False",
+]
 
 
 def launch(args, devices):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONUNBUFFERED="1")
-  return subprocess.Popen([sys.executable, str(REPO / "train" / "main.py"), *CONFIG, *args],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+  env = dict(
+    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"
+  )
+  return subprocess.Popen(
+    [sys.executable, str(REPO / "train" / "main.py"), *CONFIG, *args],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+    cwd=REPO,
+  )
 
 
 def finish(procs):
@@ -39,21 +49,26 @@ def test_two_processes_train_like_one(tmp_path):
   single, multi = tmp_path / "single", tmp_path / "multi"
   finish([launch(["--workdir", str(single)], devices=2)])
   port = free_port()
-  outputs = finish([
-      launch(["--workdir", str(multi), "--multihost", f"--coordinator_address=127.0.0.1:{port}",
-              "--num_processes=2", f"--process_id={i}"], devices=1)
+  outputs = finish(
+    [
+      launch(
+        [
+          "--workdir",
+          str(multi),
+          "--multihost",
+          f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+        ],
+        devices=1,
+      )
       for i in range(2)
-  ])
+    ]
+  )
   assert "finished: test accuracy" in outputs[0]
   assert "finished" not in outputs[1]  # only process 0 reports and writes
   assert len(read_csv(str(multi))) == 1
-  step_a, tree_a = latest_checkpoint(str(single))
-  step_b, tree_b = latest_checkpoint(str(multi))
-  assert step_a == step_b
-  leaves_a, leaves_b = jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)
-  assert len(leaves_a) == len(leaves_b)
-  for a, b in zip(leaves_a, leaves_b):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert_same_checkpoint(str(single), str(multi), rtol=1e-5, atol=1e-6)
   rows_a, rows_b = read_csv(str(single)), read_csv(str(multi))
   assert float(rows_a[0]["val_acc"]) == float(rows_b[0]["val_acc"])
 
@@ -63,9 +78,21 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step_and_resumes(tmp_p
   straight, preempted = tmp_path / "straight", tmp_path / "preempted"
 
   def two_processes(workdir, port):
-    return [launch(["--workdir", str(workdir), "--multihost", f"--coordinator_address=127.0.0.1:{port}",
-                    "--num_processes=2", f"--process_id={i}", "--config.num_epochs=2"], devices=1)
-            for i in range(2)]
+    return [
+      launch(
+        [
+          "--workdir",
+          str(workdir),
+          "--multihost",
+          f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+          "--config.num_epochs=2",
+        ],
+        devices=1,
+      )
+      for i in range(2)
+    ]
 
   finish(two_processes(straight, free_port()))
   procs = two_processes(preempted, free_port())
@@ -80,9 +107,5 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step_and_resumes(tmp_p
   assert latest_checkpoint(str(preempted))[0] == step  # written by both processes, at the agreed step
   resumed = finish(two_processes(preempted, free_port()))
   assert "finished: test accuracy" in resumed[0]
-  step_a, tree_a = latest_checkpoint(str(straight))
-  step_b, tree_b = latest_checkpoint(str(preempted))
-  assert step_a == step_b
-  for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b), strict=True):
-    np.testing.assert_array_equal(a, b)
+  assert_same_checkpoint(str(straight), str(preempted))
   assert [r["val_acc"] for r in read_csv(str(straight))] == [r["val_acc"] for r in read_csv(str(preempted))]

@@ -53,21 +53,25 @@ def test_pytorch_restatement_takes_our_update_in_float64(method):
 
   base = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
   tx, perturbation_loss = {
-      "sgd": (base, aace_jax.cross_entropy),
-      "sam": (aace_jax.sam(base, rho), aace_jax.cross_entropy),
-      "aace_sam": (aace_jax.aace_sam(base, rho), aace_jax.aace_cross_entropy),
+    "sgd": (base, aace_jax.cross_entropy),
+    "sam": (aace_jax.sam(base, rho), aace_jax.cross_entropy),
+    "aace_sam": (aace_jax.aace_sam(base, rho), aace_jax.aace_cross_entropy),
   }[method]
   with jax.enable_x64(True):
     state = aace_jax.TrainState.create(
-        params=jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params), tx=tx, rng=jax.random.key(0)
+      params=jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params), tx=tx, rng=jax.random.key(0)
     )
     step = jax.jit(aace_jax.make_train_step(mlp_apply, tx, perturbation_loss=perturbation_loss))
     f64_batch = {"image": jnp.asarray(batch["image"], jnp.float64), "label": batch["label"]}
     for _ in range(3):
       state, _ = step(state, f64_batch)
     ours = jax.tree.map(np.asarray, state.params)
-  theirs = {"w1": model[0].weight.detach().numpy().T, "b1": model[0].bias.detach().numpy(),
-            "w2": model[2].weight.detach().numpy().T, "b2": model[2].bias.detach().numpy()}
+  theirs = {
+    "w1": model[0].weight.detach().numpy().T,
+    "b1": model[0].bias.detach().numpy(),
+    "w2": model[2].weight.detach().numpy().T,
+    "b2": model[2].bias.detach().numpy(),
+  }
   for k in ours:
     assert ours[k].dtype == np.float64
     np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-10, atol=1e-12, err_msg=k)
@@ -81,7 +85,7 @@ def test_torch_wide_resnet_has_our_parameter_count():
   bench = load_benchmark()
   torch_model = bench.torch_wide_resnet(16, 4, 100)
   variables = jax.eval_shape(
-      lambda: models.create_model("wrn16_4", 100).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    lambda: models.create_model("wrn16_4", 100).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
   )
   ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
   assert sum(p.numel() for p in torch_model.parameters()) == ours
@@ -89,11 +93,30 @@ def test_torch_wide_resnet_has_our_parameter_count():
 
 def test_runs_without_torch_and_says_so():
   # torch made unimportable, as on a machine without the bench extra.
-  runner = f"import sys, runpy; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
+  runner = (
+    "import sys, runpy; sys.modules['torch'] = None; sys.argv = sys.argv[1:];"
+    f" runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
+  )
   result = subprocess.run(
-      [sys.executable, "-c", runner, str(SCRIPT), "--model", "small_cnn", "--batch", "4", "--steps", "1",
-       "--image_size", "8", "--num_classes", "10"],
-      capture_output=True, text=True, timeout=600,
+    [
+      sys.executable,
+      "-c",
+      runner,
+      str(SCRIPT),
+      "--model",
+      "small_cnn",
+      "--batch",
+      "4",
+      "--steps",
+      "1",
+      "--image_size",
+      "8",
+      "--num_classes",
+      "10",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert "the PyTorch side is skipped" in result.stdout

@@ -15,7 +15,8 @@ its corner uniform in [-8, side - 8) so that patches overhanging the border
 are clipped.
 """
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,12 +63,12 @@ def sample_draws(keys: jax.Array, height: int, width: int) -> Draws:
     keys = jax.random.split(key, 6)
     half = CUTOUT_SIZE // 2
     return Draws(
-        crop_top=jax.random.randint(keys[0], (), 0, 2 * CROP_PADDING + 1),
-        crop_left=jax.random.randint(keys[1], (), 0, 2 * CROP_PADDING + 1),
-        flip=jax.random.bernoulli(keys[2]),
-        cutout=jax.random.bernoulli(keys[3], CUTOUT_PROBABILITY),
-        cutout_top=jax.random.randint(keys[4], (), -half, height - half),
-        cutout_left=jax.random.randint(keys[5], (), -half, width - half),
+      crop_top=jax.random.randint(keys[0], (), 0, 2 * CROP_PADDING + 1),
+      crop_left=jax.random.randint(keys[1], (), 0, 2 * CROP_PADDING + 1),
+      flip=jax.random.bernoulli(keys[2]),
+      cutout=jax.random.bernoulli(keys[3], CUTOUT_PROBABILITY),
+      cutout_top=jax.random.randint(keys[4], (), -half, height - half),
+      cutout_left=jax.random.randint(keys[5], (), -half, width - half),
     )
 
   return jax.vmap(one)(keys)
@@ -90,7 +91,7 @@ def _crop(images, top, left):
   _, height, width, _ = images.shape
   pad = CROP_PADDING
   padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  window = lambda image, t, l: jax.lax.dynamic_slice(image, (t, l, 0), (height, width, image.shape[-1]))
+  window = lambda image, row, column: jax.lax.dynamic_slice(image, (row, column, 0), (height, width, image.shape[-1]))
   return jax.vmap(window)(padded, top, left)
 
 
@@ -104,9 +105,7 @@ def _cutout_mask(draws: Draws, height: int, width: int) -> jax.Array:
   return draws.cutout[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]
 
 
-def augment(
-    images: jax.Array, draws: Draws, *, kind: str, mean: Sequence[float], std: Sequence[float]
-) -> jax.Array:
+def augment(images: jax.Array, draws: Draws, *, kind: str, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
   """Augments and normalizes a batch of stored images with the given draws.
 
   Args:
@@ -134,8 +133,14 @@ def augment(
 
 
 def augment_batch(
-    images: jax.Array, *, seed: int, epoch: jax.Array, positions: jax.Array, kind: str,
-    mean: Sequence[float], std: Sequence[float],
+  images: jax.Array,
+  *,
+  seed: int,
+  epoch: jax.Array,
+  positions: jax.Array,
+  kind: str,
+  mean: Sequence[float],
+  std: Sequence[float],
 ) -> jax.Array:
   """The training batch: draws from (seed, epoch, positions), then :func:`augment`."""
   if kind == "none":

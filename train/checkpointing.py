@@ -58,9 +58,9 @@ def with_row(history: np.ndarray, row: dict) -> np.ndarray:
 def is_finite(tree) -> bool:
   """True when every floating-point array of `tree` is finite (checked on the host)."""
   return all(
-      bool(np.all(np.isfinite(np.asarray(x))))
-      for x in jax.tree.leaves(tree)
-      if np.issubdtype(np.asarray(x).dtype, np.inexact)
+    bool(np.all(np.isfinite(np.asarray(x))))
+    for x in jax.tree.leaves(tree)
+    if np.issubdtype(np.asarray(x).dtype, np.inexact)
   )
 
 
@@ -79,7 +79,7 @@ class Checkpoints:
 
   def __init__(self, directory: str, max_to_keep: int):
     self.manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+      directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     )
     self.directory = directory
     self.last_saved = max(self.manager.all_steps(), default=None)
@@ -105,8 +105,9 @@ class Checkpoints:
     saved = sorted(self.manager.all_steps())
     last = f"the last checkpoint written whole is step {saved[-1]}" if saved else "no checkpoint was written whole"
     cause = str(error).splitlines()[0] if str(error) else ""
-    return CheckpointError(f"writing the checkpoint of step {step} in {self.directory} failed"
-                           f" ({type(error).__name__}: {cause}); {last}.")
+    return CheckpointError(
+      f"writing the checkpoint of step {step} in {self.directory} failed ({type(error).__name__}: {cause}); {last}."
+    )
 
   def close(self) -> None:
     self.manager.close()
@@ -130,7 +131,9 @@ class Checkpoints:
 
     rng = state_shapes.rng
     rng_data = jax.eval_shape(jax.random.key_data, rng)
-    state_shapes = state_shapes._replace(rng=jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=rng.sharding))
+    state_shapes = state_shapes._replace(
+      rng=jax.ShapeDtypeStruct(rng_data.shape, rng_data.dtype, sharding=rng.sharding)
+    )
     target = jax.tree.map(abstract, {**state_shapes._asdict(), "epoch_totals": totals, "history": history})
     failures = []
     for step in steps:
@@ -148,13 +151,14 @@ class Checkpoints:
             for damaged in (s for s in steps if s > step):
               self.manager.delete(damaged)
             warnings.warn(
-                f"resumed from the checkpoint at step {step}: newer ones were unreadable and are deleted"
-                f" ({'; '.join(failures)})"
+              f"resumed from the checkpoint at step {step}: newer ones were unreadable and are deleted"
+              f" ({'; '.join(failures)})",
+              stacklevel=2,
             )
           self.last_saved = step
           return _from_tree(restored)
       logging.warning("checkpoint at step %d is unusable (%s); falling back to the previous one", step, failures[-1])
     raise CheckpointError(
-        f"no readable checkpoint in {self.directory} ({'; '.join(failures)}); rerun with"
-        " --config.overwrite=True to start over, or use a new --workdir."
+      f"no readable checkpoint in {self.directory} ({'; '.join(failures)}); rerun with"
+      " --config.overwrite=True to start over, or use a new --workdir."
     )

@@ -30,6 +30,8 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from train import config_checks  # noqa: E402
+from train import optimizers  # noqa: E402
 from train import train  # noqa: E402
 from train import workdir as workdir_files  # noqa: E402
 from train.configs import paper  # noqa: E402
@@ -52,7 +54,9 @@ def planned_runs(base) -> list[tuple[str, str, object]]:
     return [(base.dataset, method, base) for method in METHODS]
   unknown = sorted(set(FLAGS.datasets) - set(paper.DATASETS))
   if unknown:
-    raise train.ConfigError(f"Bad config: --datasets {unknown} are not among the paper's {list(paper.DATASETS)}.")
+    raise config_checks.ConfigError(
+      f"Bad config: --datasets {unknown} are not among the paper's {list(paper.DATASETS)}."
+    )
   overrides = config_flags.get_override_values(FLAGS["config"])
   runs = []
   for dataset in FLAGS.datasets:
@@ -65,15 +69,15 @@ def planned_runs(base) -> list[tuple[str, str, object]]:
 
 def markdown_table(results: dict, config) -> str:
   lines = [
-      f"{config.model} on {config.dataset}, {config.num_epochs} epochs, {len(next(iter(results.values())))} seeds",
-      "",
-      "| method | rho | test accuracy (mean +- std) | s/epoch |",
-      "| --- | --- | --- | --- |",
+    f"{config.model} on {config.dataset}, {config.num_epochs} epochs, {len(next(iter(results.values())))} seeds",
+    "",
+    "| method | rho | test accuracy (mean +- std) | s/epoch |",
+    "| --- | --- | --- | --- |",
   ]
   for method, runs in results.items():
     accuracies = np.array([run["val_acc"] for run in runs]) * 100
     seconds = np.mean([run["seconds_per_epoch"] for run in runs])
-    rho = "-" if method == "sgd" else train.DEFAULT_RHO[method] if config.rho is None else config.rho
+    rho = "-" if method == "sgd" else optimizers.DEFAULT_RHO[method] if config.rho is None else config.rho
     lines.append(f"| {method} | {rho} | {accuracies.mean():.2f} +- {accuracies.std():.2f} | {seconds:.2f} |")
   return "\n".join(lines)
 
@@ -108,8 +112,8 @@ def main(argv):
   try:
     runs = planned_runs(FLAGS.config)
     for _, _, config in runs:
-      train.check_config(config, device_count=None if FLAGS.dry_run else -1)
-  except (train.ConfigError, ValueError) as error:
+      config_checks.check_config(config, device_count=None if FLAGS.dry_run else -1)
+  except config_checks.ConfigError as error:
     sys.exit(f"error: {error}")
   if FLAGS.dry_run:
     for dataset, method, config in runs:
@@ -134,7 +138,7 @@ def main(argv):
         curves.setdefault(dataset, {}).setdefault(method, []).append([row["val_acc"] for row in rows])
         configs[dataset] = config
         print(f"{method} on {dataset}, seed {config.seed}: test accuracy {result['val_acc']:.4f}", flush=True)
-  except (train.ConfigError, ValueError) as error:
+  except train.RUN_ERRORS as error:
     sys.exit(f"error: {error}")
   tables = "\n\n".join(markdown_table(results[dataset], configs[dataset]) for dataset in results)
   pathlib.Path(workdir, "compare.md").write_text(tables + "\n")

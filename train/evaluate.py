@@ -29,8 +29,9 @@ from ml_collections import config_flags  # noqa: E402
 
 import aace_jax  # noqa: E402
 from train import checkpointing  # noqa: E402
-from train import input_pipeline  # noqa: E402
+from train import config_checks  # noqa: E402
 from train import models  # noqa: E402
+from train import optimizers  # noqa: E402
 from train import torch_weights  # noqa: E402
 from train import train  # noqa: E402
 from train import workdir as workdir_files  # noqa: E402
@@ -49,7 +50,7 @@ def read_state_dict(path: str) -> dict:
   try:
     import torch
   except ImportError:
-    raise SystemExit("error: reading a .pth file needs torch: pip install -e \".[torch]\"") from None
+    raise SystemExit('error: reading a .pth file needs torch: pip install -e ".[torch]"') from None
   loaded = torch.load(path, map_location="cpu", weights_only=False)
   if hasattr(loaded, "state_dict"):
     loaded = loaded.state_dict()
@@ -65,7 +66,7 @@ def architecture_of(model) -> tuple[str, int]:
     return "wrn", model.units_per_group or (model.depth - 4) // 6
   if isinstance(model, models.PyramidNet):
     return "pyramidnet", (model.depth - 2) // (9 if model.bottleneck else 6)
-  raise ValueError(f"model {type(model).__name__} has no counterpart among the authors' networks")
+  raise torch_weights.WeightsMismatch(f"model {type(model).__name__} has no counterpart among the authors' networks")
 
 
 def load_authors_weights(config, state_dict: dict, workdir=None, data=None) -> dict:
@@ -74,30 +75,33 @@ def load_authors_weights(config, state_dict: dict, workdir=None, data=None) -> d
   Returns:
     ``{"val_loss", "val_acc"}`` on the config's evaluation split.
   """
-  train.check_config(config)
+  config_checks.check_config(config)
   experiment = train.create_experiment(config, data)
   architecture, blocks = architecture_of(
-      models.create_model(config.model, experiment.data.spec.num_classes, train.DTYPES[config.dtype])
+    models.create_model(config.model, experiment.data.spec.num_classes, models.DTYPES[config.dtype])
   )
   state = experiment.init_state()  # for the optimizer's state layout and the run's key
   template = jax.device_get({"params": state.params, **state.model_state})
   variables = torch_weights.from_authors(state_dict, template, architecture=architecture, blocks=blocks)
-  tx = train.create_optimizer(config, experiment.data.steps_per_epoch)[0]
+  tx = optimizers.create_training_method(config, experiment.data.steps_per_epoch).tx
   mesh = jax.tree.leaves(state.params)[0].sharding.mesh
   state = aace_jax.replicate_on_mesh(
-      aace_jax.TrainState.create(
-          params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx,
-          rng=jax.random.wrap_key_data(jax.device_get(jax.random.key_data(state.rng))),
-      ),
-      mesh,
+    aace_jax.TrainState.create(
+      params=variables["params"],
+      model_state={"batch_stats": variables["batch_stats"]},
+      tx=tx,
+      rng=jax.random.wrap_key_data(jax.device_get(jax.random.key_data(state.rng))),
+    ),
+    mesh,
   )
   val_loss, val_acc = train.evaluate(experiment.eval_step, state, experiment.eval_batches())
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
     with workdir_files.WorkdirLock(workdir):
       workdir_files.write_config(config, workdir)
-      checkpoints = checkpointing.Checkpoints(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                              config.checkpoint_max_to_keep)
+      checkpoints = checkpointing.Checkpoints(
+        os.path.abspath(os.path.join(workdir, "checkpoints")), config.checkpoint_max_to_keep
+      )
       checkpoints.save(state, experiment.totals, checkpointing.empty_history(config.num_epochs))
       checkpoints.wait()
       checkpoints.close()
@@ -113,14 +117,15 @@ def main(argv):
     raise app.UsageError("--config is required: the paper config whose model the weights are for.")
   try:
     result = load_authors_weights(FLAGS.config, read_state_dict(FLAGS.torch_checkpoint), FLAGS.workdir)
-  except (train.ConfigError, input_pipeline.DatasetNotFoundError, input_pipeline.RecordError, ValueError,
-          train.WorkdirBusy, train.CheckpointError) as error:
+  except (*train.RUN_ERRORS, torch_weights.WeightsMismatch) as error:
     sys.exit(f"error: {error}")
   except OSError as error:
     sys.exit(f"error: {error.strerror or error} ({error.filename})")
   where = f"; checkpoint at step 0 in {os.path.abspath(FLAGS.workdir)}" if FLAGS.workdir else ""
-  print(f"test accuracy {result['val_acc']:.4f}, loss {result['val_loss']:.4f} ({FLAGS.config.model} on"
-        f" {FLAGS.config.dataset}, the authors' weights){where}")
+  print(
+    f"test accuracy {result['val_acc']:.4f}, loss {result['val_loss']:.4f} ({FLAGS.config.model} on"
+    f" {FLAGS.config.dataset}, the authors' weights){where}"
+  )
 
 
 if __name__ == "__main__":

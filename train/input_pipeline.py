@@ -26,7 +26,9 @@ import json
 import os
 import warnings
 import zipfile
-from typing import Iterator, Optional, Union
+from typing import Iterator
+from typing import Optional
+from typing import Union
 
 import grain
 import numpy as np
@@ -66,13 +68,13 @@ class DatasetSpec:
 
 
 DATASETS = {
-    "digits": DatasetSpec(10, (8, 8, 1), None, None, "none"),
-    "cifar10": DatasetSpec(10, (32, 32, 3), *CIFAR10_STATS, "cifar"),
-    "cifar100": DatasetSpec(100, (32, 32, 3), *CIFAR100_STATS, "cifar"),
-    "fashion_mnist": DatasetSpec(10, (28, 28, 1), *FASHION_MNIST_STATS, "cutout"),
-    "food101": DatasetSpec(
-        101, (32, 32, 3), *IMAGENET_STATS, "flip_cutout", eval_split="validation", resize_to_square=True
-    ),
+  "digits": DatasetSpec(10, (8, 8, 1), None, None, "none"),
+  "cifar10": DatasetSpec(10, (32, 32, 3), *CIFAR10_STATS, "cifar"),
+  "cifar100": DatasetSpec(100, (32, 32, 3), *CIFAR100_STATS, "cifar"),
+  "fashion_mnist": DatasetSpec(10, (28, 28, 1), *FASHION_MNIST_STATS, "cutout"),
+  "food101": DatasetSpec(
+    101, (32, 32, 3), *IMAGENET_STATS, "flip_cutout", eval_split="validation", resize_to_square=True
+  ),
 }
 
 
@@ -129,11 +131,11 @@ def tfds_source(name: str, split: str, data_dir: Optional[str]):
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception as error:  # tfds raises several types here; all mean "not usable".
     raise DatasetNotFoundError(
-        f"Dataset {name!r} (split {split!r}) is not prepared in {os.path.join(data_dir, name)}."
-        f" Prepare it once on a machine with internet (it needs TensorFlow for the build only):"
-        f" pip install tensorflow tensorflow-datasets && tfds build {name} --file_format=array_record"
-        f" --data_dir={data_dir} ; then pass --config.data_dir={data_dir} or set TFDS_DATA_DIR."
-        f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+      f"Dataset {name!r} (split {split!r}) is not prepared in {os.path.join(data_dir, name)}."
+      f" Prepare it once on a machine with internet (it needs TensorFlow for the build only):"
+      f" pip install tensorflow tensorflow-datasets && tfds build {name} --file_format=array_record"
+      f" --data_dir={data_dir} ; then pass --config.data_dir={data_dir} or set TFDS_DATA_DIR."
+      f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
     ) from error
 
 
@@ -182,8 +184,8 @@ def prepare_record(spec: DatasetSpec, source, split: str, index: int) -> tuple[n
       raise RecordError(f"{split} record {index} has non-finite pixel values.")
     if image.min() < 0 or image.max() > 1:
       raise RecordError(
-          f"{split} record {index} has pixel values in [{image.min():g}, {image.max():g}]; float images must lie in"
-          " [0, 1]."
+        f"{split} record {index} has pixel values in [{image.min():g}, {image.max():g}]; float images must lie in"
+        " [0, 1]."
       )
   return image, label
 
@@ -228,16 +230,15 @@ def check_arrays(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, spli
     images = images[..., None]
   if images.shape[1:] != spec.image_shape or len(images) != len(labels):
     raise RecordError(
-        f"{split} images have shape {images.shape} for {len(labels)} labels, expected"
-        f" ({len(labels)}, {', '.join(map(str, spec.image_shape))})."
+      f"{split} images have shape {images.shape} for {len(labels)} labels, expected"
+      f" ({len(labels)}, {', '.join(map(str, spec.image_shape))})."
     )
   if not np.issubdtype(labels.dtype, np.integer):
     raise RecordError(f"{split} labels have dtype {labels.dtype}; expected integers.")
   bad = np.flatnonzero((labels < 0) | (labels >= spec.num_classes))
   if bad.size:
     raise RecordError(
-        f"{split} record {bad[0]} has label {labels[bad[0]]}, outside [0, {spec.num_classes})"
-        f" ({bad.size} such records)."
+      f"{split} record {bad[0]} has label {labels[bad[0]]}, outside [0, {spec.num_classes}) ({bad.size} such records)."
     )
   if images.dtype != np.uint8:
     if not np.issubdtype(images.dtype, np.floating):
@@ -253,8 +254,8 @@ def check_arrays(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, spli
     if outside.any():
       bad = np.flatnonzero(outside)
       raise RecordError(
-          f"{split} record {bad[0]} has pixel values in [{flat[bad[0]].min():g}, {flat[bad[0]].max():g}];"
-          f" float images must lie in [0, 1] ({len(bad)} such records)."
+        f"{split} record {bad[0]} has pixel values in [{flat[bad[0]].min():g}, {flat[bad[0]].max():g}];"
+        f" float images must lie in [0, 1] ({len(bad)} such records)."
       )
   return Split(np.ascontiguousarray(images), labels.astype(np.int32))
 
@@ -282,9 +283,10 @@ def decode_split(spec: DatasetSpec, source, split: str, *, num_threads: int = 8,
       images[index] = image
     return len(chunk)
 
-  with concurrent.futures.ThreadPoolExecutor(num_threads) as pool, tqdm(
-      total=count, desc=f"decoding {split}", unit="img", disable=not progress, leave=False
-  ) as bar:
+  with (
+    concurrent.futures.ThreadPoolExecutor(num_threads) as pool,
+    tqdm(total=count, desc=f"decoding {split}", unit="img", disable=not progress, leave=False) as bar,
+  ):
     bar.update(1)
     # map() returns in order: the error raised is the lowest bad record's chunk.
     for done in pool.map(decode, chunks):
@@ -296,13 +298,13 @@ def cache_path(cache_dir: str, name: str, split: str, source, spec: DatasetSpec)
   """The cache file of a decoded split: keyed by dataset, split, version, size and preprocessing."""
   info = getattr(source, "dataset_info", None)
   key = {
-      "dataset": name,
-      "split": split,
-      "version": str(getattr(info, "version", "unknown")),
-      "records": len(source),
-      "image_shape": list(spec.image_shape),
-      "resize_to_square": spec.resize_to_square,
-      "preprocessing": PREPROCESSING_VERSION,
+    "dataset": name,
+    "split": split,
+    "version": str(getattr(info, "version", "unknown")),
+    "records": len(source),
+    "image_shape": list(spec.image_shape),
+    "resize_to_square": spec.resize_to_square,
+    "preprocessing": PREPROCESSING_VERSION,
   }
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   safe_split = "".join(c if c.isalnum() else "_" for c in split)
@@ -317,10 +319,10 @@ def load_cached(path: str, spec: DatasetSpec, count: int) -> Optional[Split]:
     with np.load(path) as cached:
       images, labels = cached["images"], cached["labels"]
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-    warnings.warn(f"decoded cache {path} is unreadable ({type(error).__name__}: {error}); decoding again")
+    warnings.warn(f"decoded cache {path} is unreadable ({type(error).__name__}: {error}); decoding again", stacklevel=2)
     return None
   if images.shape != (count, *spec.image_shape) or labels.shape != (count,):
-    warnings.warn(f"decoded cache {path} holds arrays of shape {images.shape}; decoding again")
+    warnings.warn(f"decoded cache {path} holds arrays of shape {images.shape}; decoding again", stacklevel=2)
     return None
   return Split(images, labels)
 
@@ -336,19 +338,21 @@ def save_cached(path: str, split: Split) -> None:
       os.fsync(f.fileno())
     os.replace(temporary, path)
   except OSError as error:
-    warnings.warn(f"could not write the decoded cache {path} ({error}); later runs will decode again")
+    warnings.warn(f"could not write the decoded cache {path} ({error}); later runs will decode again", stacklevel=2)
     if os.path.exists(temporary):
       os.remove(temporary)
 
 
 def open_split(
-    name: str, spec: DatasetSpec, source, split: str, *, cache_dir: Optional[str], max_in_memory_bytes: float
+  name: str, spec: DatasetSpec, source, split: str, *, cache_dir: Optional[str], max_in_memory_bytes: float
 ) -> Union[Split, StreamedSplit]:
   """A split in memory (from the cache, or decoded and cached) or, if too large, streamed."""
   if isinstance(source, ArraySource):  # already in memory: checked, never cached
     return decode_split(spec, source, split)
   if len(source) * int(np.prod(spec.image_shape)) > max_in_memory_bytes:
-    warnings.warn(f"{name} {split}: {len(source)} records exceed max_in_memory_bytes; streaming them from disk")
+    warnings.warn(
+      f"{name} {split}: {len(source)} records exceed max_in_memory_bytes; streaming them from disk", stacklevel=2
+    )
     return StreamedSplit(spec, source, split)
   path = cache_path(cache_dir, name, split, source, spec) if cache_dir else None
   cached = load_cached(path, spec, len(source)) if path else None
@@ -448,16 +452,16 @@ def channel_statistics(images: np.ndarray) -> tuple[tuple, tuple]:
 
 
 def create_data(
-    name: str,
-    *,
-    global_batch: int,
-    global_eval_batch: int,
-    seed: int,
-    data_dir: Optional[str] = None,
-    cache_dir: Optional[str] = None,
-    max_in_memory_bytes: float = 32 * 2**30,
-    process_index: int = 0,
-    process_count: int = 1,
+  name: str,
+  *,
+  global_batch: int,
+  global_eval_batch: int,
+  seed: int,
+  data_dir: Optional[str] = None,
+  cache_dir: Optional[str] = None,
+  max_in_memory_bytes: float = 32 * 2**30,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> Data:
   """Opens dataset `name` for this host, decoding what fits in memory. Raises before any training on bad input.
 
@@ -474,8 +478,8 @@ def create_data(
   else:
     sources = tuple(tfds_source(name, split, data_dir) for split in (spec.train_split, spec.eval_split))
   train, eval_ = (
-      open_split(name, spec, source, role, cache_dir=cache_dir, max_in_memory_bytes=max_in_memory_bytes)
-      for source, role in zip(sources, ("train", "eval"))
+    open_split(name, spec, source, role, cache_dir=cache_dir, max_in_memory_bytes=max_in_memory_bytes)
+    for source, role in zip(sources, ("train", "eval"))
   )
   for role, split in (("train", train), ("eval", eval_)):
     if len(split) == 0:
@@ -487,19 +491,17 @@ def create_data(
   else:
     raise ValueError(f"{name!r} has no normalization statistics and is too large to compute them in memory.")
   data = Data(
-      spec=spec,
-      train=train,
-      eval=eval_,
-      per_host_batch=global_batch // process_count,
-      per_host_eval_batch=global_eval_batch // process_count,
-      seed=seed,
-      mean=mean,
-      std=std,
-      process_index=process_index,
-      process_count=process_count,
+    spec=spec,
+    train=train,
+    eval=eval_,
+    per_host_batch=global_batch // process_count,
+    per_host_eval_batch=global_eval_batch // process_count,
+    seed=seed,
+    mean=mean,
+    std=std,
+    process_index=process_index,
+    process_count=process_count,
   )
   if data.steps_per_epoch < 1:
-    raise ValueError(
-        f"batch_size {global_batch} is larger than the {len(train)} training examples of {name!r}."
-    )
+    raise ValueError(f"batch_size {global_batch} is larger than the {len(train)} training examples of {name!r}.")
   return data

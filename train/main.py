@@ -21,8 +21,9 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from train import compilation_cache  # noqa: E402
+from train import config_checks  # noqa: E402
 from train import train  # noqa: E402
-from train import input_pipeline  # noqa: E402
 
 DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / "configs" / "default.py")
 
@@ -37,8 +38,10 @@ try:  # ml_collections applies --config.FIELD overrides here, as the flag is def
   config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "A config file with get_config().", lock_config=True)
 except (KeyError, AttributeError) as unknown_field:
   suggestion = re.search(r"Did you mean \S+ instead of \S+\?", str(unknown_field))
-  sys.exit(f"error: unknown config field in {' '.join(a for a in sys.argv[1:] if a.startswith('--config'))}"
-           f"{'; ' + suggestion.group(0) if suggestion else ''}")
+  sys.exit(
+    f"error: unknown config field in {' '.join(a for a in sys.argv[1:] if a.startswith('--config'))}"
+    f"{'; ' + suggestion.group(0) if suggestion else ''}"
+  )
 
 
 def cluster_detected() -> bool:
@@ -55,8 +58,8 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.dry_run:
     try:
-      train.check_config(config, device_count=None)
-    except train.ConfigError as error:
+      config_checks.check_config(config, device_count=None)
+    except config_checks.ConfigError as error:
       sys.exit(f"error: {error}")
     print(config)
     return
@@ -64,21 +67,20 @@ def main(argv):
     # CPU collectives across processes need gloo; accelerators ignore this.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes,
-        process_id=FLAGS.process_id,
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
     )
   workdir = FLAGS.workdir or os.path.join(
-      "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.optimizer}"
+    "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.optimizer}"
   )
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
-  cache_dir = train.enable_compilation_cache(config)
+  cache_dir = compilation_cache.enable(config)
   logging.info("compilation cache: %s", cache_dir)
   start = time.time()
   try:
     result = train.train_and_evaluate(config, workdir)
-  except (train.ConfigError, input_pipeline.DatasetNotFoundError, input_pipeline.RecordError,
-          train.CheckpointError, train.TrainingStopped, train.WorkdirBusy, ValueError) as error:
+  except train.RUN_ERRORS as error:
     sys.exit(f"error: {error}")
   except OSError as error:  # the workdir or the data: a path and its cause, in one line
     sys.exit(f"error: {error.strerror or error} ({error.filename or workdir})")
@@ -86,14 +88,17 @@ def main(argv):
     return
   where = f"workdir {os.path.abspath(workdir)}"
   if result["stopped_by"] in ("SIGTERM", "SIGINT", "SIGINT on another host"):
-    print(f"stopped by {result['stopped_by']} at step {result['step']}, checkpoint written; rerun the same command to resume. {where}")
+    print(
+      f"stopped by {result['stopped_by']} at step {result['step']}, checkpoint written;"
+      f" rerun the same command to resume. {where}"
+    )
   elif result.get("epoch") is None:
     print(f"nothing to train: the run is complete. {where}")
   else:
     state = "finished" if result["finished"] else f"halted after epoch {int(result['epoch']) + 1}, rerun to resume"
     print(
-        f"{state}: test accuracy {result['val_acc']:.4f} ({config.optimizer} on {config.dataset},"
-        f" {config.model}) in {time.time() - start:.1f} s; {where}"
+      f"{state}: test accuracy {result['val_acc']:.4f} ({config.optimizer} on {config.dataset},"
+      f" {config.model}) in {time.time() - start:.1f} s; {where}"
     )
 
 

@@ -8,7 +8,8 @@ evaluation), and ends in global average pooling, so 28x28 inputs work too.
 """
 
 import functools
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -82,9 +83,9 @@ class WideResNet(nn.Module):
     x = nn.Conv(16, (3, 3), padding=1, use_bias=False, kernel_init=wrn_conv_init, dtype=self.dtype)(x)
     for group, strides in enumerate((1, 2, 2)):
       for unit in range(units):
-        x = WideResNetUnit(
-            16 * self.width * 2**group, strides if unit == 0 else 1, self.dropout, self.dtype
-        )(x, train=train)
+        x = WideResNetUnit(16 * self.width * 2**group, strides if unit == 0 else 1, self.dropout, self.dtype)(
+          x, train=train
+        )
     x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype)(x))
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, dtype=self.dtype)(x)
@@ -155,10 +156,10 @@ class PyramidNet(nn.Module):
     x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype)(x))
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(
-        self.num_classes,
-        kernel_init=torch_linear_init,
-        bias_init=_torch_linear_bias_init(x.shape[-1]),
-        dtype=self.dtype,
+      self.num_classes,
+      kernel_init=torch_linear_init,
+      bias_init=_torch_linear_bias_init(x.shape[-1]),
+      dtype=self.dtype,
     )(x)
 
 
@@ -191,15 +192,15 @@ class Linear(nn.Module):
 
 
 MODELS = {
-    "linear": functools.partial(Linear),
-    "small_cnn": functools.partial(SmallCNN),
-    "wrn16_4": functools.partial(WideResNet, 16, 4),
-    "wrn28_10": functools.partial(WideResNet, 28, 10),
-    # The authors' "WRN-28-10": 5 units per group (46.2M parameters at 100 classes), the network behind
-    # the paper's numbers; "wrn28_10" is the standard 4-unit one (36.5M).
-    "wrn28_10_authors": functools.partial(WideResNet, 28, 10, units_per_group=5),
-    "pyramidnet272": functools.partial(PyramidNet, 272, 200),
-    "pyramidnet272_bottleneck": functools.partial(PyramidNet, 272, 200, bottleneck=True),
+  "linear": functools.partial(Linear),
+  "small_cnn": functools.partial(SmallCNN),
+  "wrn16_4": functools.partial(WideResNet, 16, 4),
+  "wrn28_10": functools.partial(WideResNet, 28, 10),
+  # The authors' "WRN-28-10": 5 units per group (46.2M parameters at 100 classes), the network behind
+  # the paper's numbers; "wrn28_10" is the standard 4-unit one (36.5M).
+  "wrn28_10_authors": functools.partial(WideResNet, 28, 10, units_per_group=5),
+  "pyramidnet272": functools.partial(PyramidNet, 272, 200),
+  "pyramidnet272_bottleneck": functools.partial(PyramidNet, 272, 200, bottleneck=True),
 }
 
 
@@ -215,6 +216,10 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...
   """
   init = jax.jit(lambda key: model.init(key, jnp.zeros((1, *image_shape)), train=False))
   return init.lower(key).compile(compiler_options={"xla_backend_optimization_level": 0})(key)
+
+
+# The computation dtypes a config may name; parameters stay float32.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def create_model(name: str, num_classes: int, dtype=jnp.float32) -> nn.Module:

@@ -17,6 +17,10 @@ import numpy as np
 BATCH_NORM = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}
 
 
+class WeightsMismatch(ValueError):
+  """A state dict that does not fit the model: a name without counterpart, another shape, a missing tensor."""
+
+
 def _wrn_names(torch_name: str, units_per_group: int):
   """Flax (collection, path, kind) of one tensor of the authors' `WideResNet_cifar`, or None to skip."""
   if torch_name.endswith("num_batches_tracked"):
@@ -26,11 +30,20 @@ def _wrn_names(torch_name: str, units_per_group: int):
     group, unit, layer, field = int(match[1]) - 1, int(match[2]), match[3], match[4]
     module = f"WideResNetUnit_{group * units_per_group + unit}"
     if unit == 0:  # DownsampleUnit: the 1x1 shortcut conv is our unit's first conv
-      layers = {"norm_act.0_normalization": "BatchNorm_0", "block.0_convolution": "Conv_1",
-                "block.1_normalization": "BatchNorm_1", "block.4_convolution": "Conv_2", "downsample": "Conv_0"}
+      layers = {
+        "norm_act.0_normalization": "BatchNorm_0",
+        "block.0_convolution": "Conv_1",
+        "block.1_normalization": "BatchNorm_1",
+        "block.4_convolution": "Conv_2",
+        "downsample": "Conv_0",
+      }
     else:  # BasicUnit
-      layers = {"block.0_normalization": "BatchNorm_0", "block.2_convolution": "Conv_0",
-                "block.3_normalization": "BatchNorm_1", "block.6_convolution": "Conv_1"}
+      layers = {
+        "block.0_normalization": "BatchNorm_0",
+        "block.2_convolution": "Conv_0",
+        "block.3_normalization": "BatchNorm_1",
+        "block.6_convolution": "Conv_1",
+      }
     if layer not in layers:
       raise KeyError(torch_name)
     return _leaf(module, layers[layer], field)
@@ -65,7 +78,11 @@ def _leaf(module, layer: str, field: str):
     return collection, (*path, layer, name), "vector"
   if layer.startswith("Conv"):
     return "params", (*path, layer, "kernel"), "conv"
-  return "params", (*path, layer, "kernel" if field == "weight" else "bias"), "linear" if field == "weight" else "vector"
+  return (
+    "params",
+    (*path, layer, "kernel" if field == "weight" else "bias"),
+    "linear" if field == "weight" else "vector",
+  )
 
 
 def _convert(value: np.ndarray, kind: str) -> np.ndarray:
@@ -101,16 +118,16 @@ def from_authors(state_dict: dict, variables: dict, *, architecture: str, blocks
     try:
       target = names(torch_name, blocks)
     except KeyError:
-      raise ValueError(f"the checkpoint's {torch_name!r} has no counterpart in our {architecture}") from None
+      raise WeightsMismatch(f"the checkpoint's {torch_name!r} has no counterpart in our {architecture}") from None
     if target is None:
       continue
     collection, path, kind = target
     value = _convert(np.asarray(value), kind)
     expected = _lookup(variables, collection, path, torch_name)
     if value.shape != expected.shape:
-      raise ValueError(
-          f"the checkpoint's {torch_name!r} has shape {value.shape} (converted), ours"
-          f" {collection}/{'/'.join(path)} has {expected.shape}: another depth, width or class count?"
+      raise WeightsMismatch(
+        f"the checkpoint's {torch_name!r} has shape {value.shape} (converted), ours"
+        f" {collection}/{'/'.join(path)} has {expected.shape}: another depth, width or class count?"
       )
     filled[(collection, *path)] = value.astype(expected.dtype)
   result = {}
@@ -123,7 +140,9 @@ def _lookup(variables, collection, path, torch_name):
   node = variables.get(collection, {})
   for key in path:
     if key not in node:
-      raise ValueError(f"the checkpoint's {torch_name!r} maps to {collection}/{'/'.join(path)}, which our model lacks")
+      raise WeightsMismatch(
+        f"the checkpoint's {torch_name!r} maps to {collection}/{'/'.join(path)}, which our model lacks"
+      )
     node = node[key]
   return node
 
@@ -132,5 +151,5 @@ def _fill(tree, prefix, filled):
   if isinstance(tree, dict):
     return {key: _fill(value, (*prefix, key), filled) for key, value in tree.items()}
   if prefix not in filled:
-    raise ValueError(f"no tensor of the checkpoint fills our {'/'.join(prefix)}")
+    raise WeightsMismatch(f"no tensor of the checkpoint fills our {'/'.join(prefix)}")
   return filled[prefix]

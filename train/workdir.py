@@ -16,8 +16,20 @@ import socket
 import warnings
 
 CSV_COLUMNS = (
-    "epoch", "lr", "avg_ce_loss", "avg_aace_loss", "avg_aace_ce", "avg_grad_norm", "avg_perturbation",
-    "train_loss", "train_acc", "val_loss", "val_acc", "skipped_steps", "images_per_sec", "wall_time",
+  "epoch",
+  "lr",
+  "avg_ce_loss",
+  "avg_aace_loss",
+  "avg_aace_ce",
+  "avg_grad_norm",
+  "avg_perturbation",
+  "train_loss",
+  "train_acc",
+  "val_loss",
+  "val_acc",
+  "skipped_steps",
+  "images_per_sec",
+  "wall_time",
 )
 
 
@@ -71,8 +83,8 @@ class WorkdirLock:
             os.remove(self.path)  # stale: its run was killed
             continue
           raise WorkdirBusy(
-              f"{os.path.dirname(self.path)} is in use by pid {holder.get('pid', '?')} on host"
-              f" {holder.get('host', '?')} ({self.path}); wait for that run, or use another --workdir"
+            f"{os.path.dirname(self.path)} is in use by pid {holder.get('pid', '?')} on host"
+            f" {holder.get('host', '?')} ({self.path}); wait for that run, or use another --workdir"
           ) from None
       raise WorkdirBusy(f"could not take {self.path}")
     finally:
@@ -182,7 +194,7 @@ class RunFiles:
     try:
       write()
     except OSError as error:
-      warnings.warn(f"could not write the {what} ({error}); training goes on")
+      warnings.warn(f"could not write the {what} ({error}); training goes on", stacklevel=2)
 
   def plot(self) -> None:
     import matplotlib
@@ -192,9 +204,9 @@ class RunFiles:
 
     epochs = [row["epoch"] + 1 for row in self.rows]
     panels = {
-        "loss": ("loss", ("avg_ce_loss", "avg_aace_loss", "avg_aace_ce", "train_loss", "val_loss")),
-        "perturbation": ("norm", ("avg_grad_norm", "avg_perturbation")),
-        "accuracy": ("accuracy", ("train_acc", "val_acc")),
+      "loss": ("loss", ("avg_ce_loss", "avg_aace_loss", "avg_aace_ce", "train_loss", "val_loss")),
+      "perturbation": ("norm", ("avg_grad_norm", "avg_perturbation")),
+      "accuracy": ("accuracy", ("train_acc", "val_acc")),
     }
     for name, (ylabel, columns) in panels.items():
       fig, ax = plt.subplots(figsize=(6, 4))

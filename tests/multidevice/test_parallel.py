@@ -11,15 +11,20 @@ import optax
 import pytest
 
 import aace_jax
-from tests.helpers import BatchNormNet, first_pass_batch_stats, hand_step, make_batch, mlp_apply, mlp_params
+from tests.helpers import BatchNormNet
+from tests.helpers import first_pass_batch_stats
+from tests.helpers import hand_step
+from tests.helpers import make_batch
+from tests.helpers import mlp_apply
+from tests.helpers import mlp_params
 
 DEVICES = 8
 BATCH = 64
 
 METHODS = {
-    "aace_sam": (lambda: aace_jax.aace_sam(optax.sgd(0.1, momentum=0.9), 0.2), aace_jax.aace_cross_entropy),
-    "sam": (lambda: aace_jax.sam(optax.sgd(0.1, momentum=0.9), 0.05), aace_jax.cross_entropy),
-    "sgd": (lambda: optax.sgd(0.1, momentum=0.9), aace_jax.aace_cross_entropy),
+  "aace_sam": (lambda: aace_jax.aace_sam(optax.sgd(0.1, momentum=0.9), 0.2), aace_jax.aace_cross_entropy),
+  "sam": (lambda: aace_jax.sam(optax.sgd(0.1, momentum=0.9), 0.05), aace_jax.cross_entropy),
+  "sgd": (lambda: optax.sgd(0.1, momentum=0.9), aace_jax.aace_cross_entropy),
 }
 
 
@@ -52,7 +57,9 @@ def run_shard(step_kwargs, tx, state, batch, steps, apply_fn=mlp_apply):
 
 
 def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
-  jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol), actual, expected)
+  jax.tree.map(
+    lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol), actual, expected
+  )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -78,7 +85,7 @@ def test_synchronized_perturbation_equals_one_big_batch(method):
     for _ in range(3):
       by_hand, opt_state = hand_step(tx, by_hand, opt_state, batch, perturbation_loss)
     assert_trees_close(single.params, by_hand)
-  for name in ("loss", "ce_loss", "accuracy", "grad_norm", "perturbation_norm"):
+  for name in ("loss", "perturbed_loss", "accuracy", "grad_norm", "perturbation_norm"):
     np.testing.assert_allclose(pmap_metrics[name][0], single_metrics[name], rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(shard_metrics[name], single_metrics[name], rtol=1e-5, err_msg=name)
   assert np.abs(single.params["w1"] - params["w1"]).max() > 1e-3
@@ -127,7 +134,7 @@ def test_batchnorm_statistics_are_first_pass_averaged_over_devices(runner):
   variables = model.init(jax.random.key(0), batch["image"], train=False)
   tx = aace_jax.aace_sam(optax.sgd(0.1), 0.5)
   state = aace_jax.TrainState.create(
-      params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
+    params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(0)
   )
   new_state, _ = runner({}, tx, state, batch, 1, apply_fn=aace_jax.linen_apply_fn(model))
   per_shard = [first_pass_batch_stats(model, variables, batch["image"][8 * d : 8 * d + 8]) for d in range(DEVICES)]
@@ -146,7 +153,7 @@ def test_parallel_eval_sums_equal_single_device():
   single = jax.jit(aace_jax.make_eval_step(mlp_apply))(state, batch)
   sharded = aace_jax.shard_step(aace_jax.make_eval_step(mlp_apply, axis_name="data"), data_mesh())(state, batch)
   pmapped = aace_jax.pmap_step(aace_jax.make_eval_step(mlp_apply, axis_name="batch"))(
-      aace_jax.replicate(state), jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), batch)
+    aace_jax.replicate(state), jax.tree.map(lambda x: x.reshape(DEVICES, -1, *x.shape[1:]), batch)
   )
   for k in single:
     np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5)

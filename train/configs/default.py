@@ -27,7 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.decoded_cache_dir = config_dict.placeholder(str)  # None: <data_dir>/decoded
 
   # Model.
-  config.model = "small_cnn"  # linear | small_cnn | wrn16_4 | wrn28_10 | wrn28_10_authors | pyramidnet272 | pyramidnet272_bottleneck
+  config.model = (
+    "small_cnn"  # linear | small_cnn | wrn16_4 | wrn28_10 | wrn28_10_authors | pyramidnet272 | pyramidnet272_bottleneck
+  )
   config.dtype = "float32"  # computation dtype; parameters stay float32
 
   # Method.

@@ -24,9 +24,9 @@ from train.configs import default
 MODELS = {"wrn28_10": ("wrn28_10_authors", 256), "pyramidnet272": ("pyramidnet272", 64)}
 DATASETS = ("cifar10", "cifar100", "fashion_mnist", "food101")
 METHODS = {
-    "aace_sam": {"rho": 0.2, "normalize": False, "num_epochs": 200},
-    "sam": {"rho": 0.05, "normalize": True, "num_epochs": 200},
-    "sgd": {"num_epochs": 400},
+  "aace_sam": {"rho": 0.2, "normalize": False, "num_epochs": 200},
+  "sam": {"rho": 0.05, "normalize": True, "num_epochs": 200},
+  "sgd": {"num_epochs": 400},
 }
 
 
@@ -34,8 +34,8 @@ def get_config(run: str = "wrn28_10,cifar100,aace_sam"):
   parts = run.split(",")
   if len(parts) != 3 or parts[0] not in MODELS or parts[1] not in DATASETS or parts[2] not in METHODS:
     raise ValueError(
-        f"paper config {run!r}: expected MODEL,DATASET,METHOD with MODEL in {sorted(MODELS)}, DATASET in"
-        f" {list(DATASETS)}, METHOD in {sorted(METHODS)}"
+      f"paper config {run!r}: expected MODEL,DATASET,METHOD with MODEL in {sorted(MODELS)}, DATASET in"
+      f" {list(DATASETS)}, METHOD in {sorted(METHODS)}"
     )
   model, dataset, method = parts
   config = default.get_config()

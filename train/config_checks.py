@@ -1,0 +1,170 @@
+"""Checks of a run's config, and of the workdir it would resume: every bad value named before anything runs.
+
+The trainer's own fields (sizes, epochs, the schedule, paths) are checked
+here; the method's arguments (rho, normalize, the AACE mode and threshold,
+label smoothing) are checked by the library itself, on the objects the run
+would build (`check_with_the_library`), so there is one source for each range.
+"""
+
+import functools
+import inspect
+import json
+import math
+import os
+import re
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from train import input_pipeline
+from train import models
+from train import optimizers
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot run; raised before anything is written."""
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _at_least(value, low) -> bool:
+  return _is_number(value) and value >= low
+
+
+def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] = -1) -> None:
+  """Raises `ConfigError` naming the first bad field and its value.
+
+  Batch sizes are checked against `device_count` (default: this machine's
+  devices; None skips that check, for a command checked on another machine).
+  """
+  if device_count == -1:
+    device_count = jax.device_count()
+  checks = [
+    (
+      config.optimizer in optimizers.OPTIMIZERS,
+      f"optimizer {config.optimizer!r} is not one of {optimizers.OPTIMIZERS}",
+    ),
+    (
+      config.dataset in input_pipeline.DATASETS,
+      f"dataset {config.dataset!r} is not one of {sorted(input_pipeline.DATASETS)}",
+    ),
+    (config.model in models.MODELS, f"model {config.model!r} is not one of {sorted(models.MODELS)}"),
+    (config.dtype in models.DTYPES, f"dtype {config.dtype!r} is not one of {sorted(models.DTYPES)}"),
+    (_at_least(config.num_epochs, 1), f"num_epochs must be >= 1, got {config.num_epochs}"),
+    (_at_least(config.batch_size, 1), f"batch_size must be >= 1, got {config.batch_size}"),
+    (_at_least(config.eval_batch_size, 1), f"eval_batch_size must be >= 1, got {config.eval_batch_size}"),
+    (
+      _is_number(config.learning_rate) and config.learning_rate > 0,
+      f"learning_rate must be a finite number > 0, got {config.learning_rate}",
+    ),
+    (_at_least(config.momentum, 0) and config.momentum < 1, f"momentum must lie in [0, 1), got {config.momentum}"),
+    (_at_least(config.weight_decay, 0), f"weight_decay must be a finite number >= 0, got {config.weight_decay}"),
+    (
+      _is_number(config.lr_decay) and config.lr_decay > 0,
+      f"lr_decay must be a finite number > 0, got {config.lr_decay}",
+    ),
+    (
+      all(_is_number(f) and 0 < f <= 1 for f in config.lr_milestones),
+      f"lr_milestones must be fractions of training in (0, 1], got {tuple(config.lr_milestones)}",
+    ),
+    (_at_least(config.grad_accum_steps, 1), f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}"),
+    (
+      _at_least(config.max_consecutive_skips, 1),
+      f"max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}",
+    ),
+    (
+      _is_number(config.max_in_memory_gb) and config.max_in_memory_gb > 0,
+      f"max_in_memory_gb must be a finite number > 0, got {config.max_in_memory_gb}",
+    ),
+    (_at_least(config.log_every_steps, 1), f"log_every_steps must be >= 1, got {config.log_every_steps}"),
+    (
+      _at_least(config.checkpoint_max_to_keep, 1),
+      f"checkpoint_max_to_keep must be >= 1, got {config.checkpoint_max_to_keep}",
+    ),
+    (
+      config.halt_after_epochs is None or _at_least(config.halt_after_epochs, 1),
+      f"halt_after_epochs must be >= 1 (or None), got {config.halt_after_epochs}",
+    ),
+  ]
+  if device_count is not None:
+    checks += [
+      (
+        config.batch_size % device_count == 0,
+        f"batch_size {config.batch_size} is not divisible by the {device_count} devices",
+      ),
+      (
+        config.eval_batch_size % device_count == 0,
+        f"eval_batch_size {config.eval_batch_size} is not divisible by the {device_count} devices",
+      ),
+      (
+        (config.batch_size // device_count) % config.grad_accum_steps == 0,
+        f"the per-device batch {config.batch_size // device_count} does not split into"
+        f" grad_accum_steps={config.grad_accum_steps} micro-batches",
+      ),
+    ]
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(f"Bad config: {message}.")
+  check_with_the_library(config)
+
+
+# The library's argument names, as the config calls them.
+LIBRARY_ARGUMENTS = {
+  "rho": "rho",
+  "normalize": "normalize",
+  "threshold": "aace_threshold",
+  "mode": "aace_mode",
+  "label_smoothing": "label_smoothing",
+}
+
+
+def check_with_the_library(config: ml_collections.ConfigDict) -> None:
+  """Builds the run's transformation and traces its losses abstractly: the library's checks are the only ones.
+
+  `jax.eval_shape` traces without compiling or running anything, and every
+  argument check of the losses runs at trace time.
+  """
+  try:
+    method = optimizers.create_training_method(config, steps_per_epoch=1)
+    logits, labels = jax.ShapeDtypeStruct((1, 2), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
+    for loss in (method.perturbation_loss, method.loss, *method.aace_metrics.values()):
+      extra = {"key": jax.random.key(0)} if "key" in inspect.signature(loss).parameters else {}
+      jax.eval_shape(functools.partial(loss, **extra), logits, labels)
+  except (TypeError, ValueError) as error:
+    argument = re.search(r": (\w+) must", str(error))
+    field = LIBRARY_ARGUMENTS.get(argument.group(1)) if argument else None
+    raise ConfigError(f"Bad config{' field ' + field if field else ''}: {error}") from None
+
+
+# Fields that may change between an interrupted run and its resumption: they
+# change where the data lives and how often the run reports, not what it computes.
+RESUMABLE_CHANGES = {
+  "halt_after_epochs",
+  "log_every_steps",
+  "overwrite",
+  "data_on_device",
+  "max_in_memory_gb",
+  "cache_decoded",
+  "decoded_cache_dir",
+  "compilation_cache",
+  "compilation_cache_dir",
+}
+
+
+def check_resumable(config, workdir: str) -> None:
+  """Refuses a workdir whose config.json holds another recipe."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  current = json.loads(config.to_json_best_effort())
+  differ = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+  if differ:
+    raise ConfigError(
+      f"Bad config: {workdir} holds a run with another config (fields {', '.join(differ)} differ); use a new --workdir."
+    )
