@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import optax
 
 from aace_jax import _checks
+from aace_jax._norms import global_norm
+from aace_jax._norms import upcast
 
 GradFn = Callable[[optax.Params], Any]
 PerturbMask = Union[Any, Callable[[optax.Params], Any]]
@@ -54,17 +56,6 @@ class SAMState(NamedTuple):
   perturbation_norm: jax.Array
   perturbed_loss: jax.Array
   perturbed_grad_norm: jax.Array
-
-
-def _upcast(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def global_norm(tree) -> jax.Array:
-  # Squares are summed in at least float32: bfloat16/float16 overflow or lose
-  # the small terms of a large model's norm.
-  squares = [jnp.sum(jnp.square(_upcast(x))) for x in jax.tree.leaves(tree)]
-  return jnp.sqrt(sum(squares)) if squares else jnp.zeros([], jnp.float32)
 
 
 def _refuse_wrappers(owner: str, params) -> None:
@@ -243,11 +234,9 @@ def _sharpness_aware(
       scale = jnp.where(denominator > 0, scale / jnp.where(denominator > 0, denominator, 1), 0)
     _warn_if_rounded_away(owner, params, mask)
     perturbed_params = jax.tree.map(
-      lambda w, g, m: (w + scale * _upcast(g)).astype(w.dtype) if m else w, params, grads, mask
+      lambda w, g, m: (w + scale * upcast(g)).astype(w.dtype) if m else w, params, grads, mask
     )
-    perturbation_norm = global_norm(
-      jax.tree.map(lambda w_adv, w: _upcast(w_adv) - _upcast(w), perturbed_params, params)
-    )
+    perturbation_norm = global_norm(jax.tree.map(lambda w_adv, w: upcast(w_adv) - upcast(w), perturbed_params, params))
     del grads
     perturbed_loss, perturbed_grads = _call_grad_fn(owner, grad_fn, perturbed_params)
     if batch_axis_name is not None:

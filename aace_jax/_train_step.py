@@ -20,6 +20,7 @@ import optax
 
 from aace_jax import _losses
 from aace_jax import _sam
+from aace_jax._norms import global_norm
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -118,6 +119,11 @@ def linen_apply_fn(module) -> ApplyFn:
   Returns:
     ``apply_fn(params, model_state, images, *, train, rng)``.
   """
+  if not callable(getattr(module, "apply", None)) or not callable(getattr(module, "init", None)):
+    raise TypeError(
+      f"linen_apply_fn: {type(module).__name__} is not a Flax Linen module (no .apply/.init); for a Flax NNX"
+      " model use graphdef, params, model_state = aace_jax.nnx_split(model) and aace_jax.nnx_apply_fn(graphdef)."
+    )
 
   def apply_fn(params, model_state, images, *, train, rng):
     variables = {"params": params, **model_state}
@@ -416,7 +422,7 @@ def make_train_step(
     metrics = {
       "perturbation_loss": perturbation_loss(logits.reshape(-1, logits.shape[-1]), labels, **extra).mean(),
       "perturbed_loss": objective,
-      "grad_norm": _sam.global_norm(grads),
+      "grad_norm": global_norm(grads),
       "perturbation_grad_norm": jnp.zeros([]),
       "perturbation_norm": jnp.zeros([]),
     }

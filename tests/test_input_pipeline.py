@@ -150,7 +150,9 @@ def test_bad_in_memory_arrays_are_named():
   images = np.zeros((10, 4, 4, 1), np.float32)
   labels = np.arange(10, dtype=np.int32)
   labels[7] = 12
-  with pytest.raises(ip.RecordError, match=r"eval record 7 has label 12, outside \[0, 10\) \(1 such records\)"):
+  with pytest.raises(
+    ip.RecordError, match=r"eval labels\[7\] = 12 is outside \[0, 10\) \(1 of 10 labels out of range\)"
+  ):
     ip.check_arrays(SPEC, images, labels, "eval")
   images[[2, 5]] = np.inf
   with pytest.raises(ip.RecordError, match=r"train record 2 has non-finite pixel values \(2 such records\)"):

@@ -176,6 +176,12 @@ def test_both_passes_use_the_same_dropout_mask(route):
   assert first[2] != second[2]  # and the next step draws a new mask (the weights did not move: lr 0)
 
 
+def test_linen_apply_fn_points_an_nnx_model_to_its_route():
+  _, _, model = linen_and_nnx_with_the_same_weights()
+  with pytest.raises(TypeError, match=r"NnxBatchNormNet is not a Flax Linen module.*aace_jax.nnx_split\(model\)"):
+    aace_jax.linen_apply_fn(model)
+
+
 def test_eval_mode_uses_running_statistics_and_no_dropout():
   _, _, model = linen_and_nnx_with_the_same_weights(dropout=0.5)
   graphdef, params, model_state = aace_jax.nnx_split(model)

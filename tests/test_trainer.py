@@ -148,7 +148,7 @@ def test_out_of_range_labels_fail_before_writing(monkeypatch, tmp_path):
   train_source.labels = train_source.labels.copy()
   train_source.labels[5] = 10
   monkeypatch.setattr(input_pipeline, "digits_sources", lambda: (train_source, eval_source))
-  with pytest.raises(input_pipeline.RecordError, match="train record 5 has label 10"):
+  with pytest.raises(input_pipeline.RecordError, match=r"train labels\[5\] = 10 is outside \[0, 10\)"):
     train.train_and_evaluate(small_config(), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
