@@ -459,7 +459,10 @@ def make_train_step(
       if axis_name is not None:  # every replica must take the same decision
         finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
       current = (state.params, state.model_state, state.opt_state)
-      updated = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, current)
+      # One conditional, not a select per leaf: thousands of selects sharing
+      # one predicate made XLA's fusion pass grow with the cube of the depth
+      # (PyramidNet at depth 38: 118 s to compile against 16 s this way).
+      updated = jax.lax.cond(finite, lambda: updated, lambda: current)
     metrics["skipped_steps"] = 1 - finite.astype(jnp.float32) if skip_nonfinite else jnp.zeros([])
     params, model_state, opt_state = updated
     new_state = state._replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)

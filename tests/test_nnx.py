@@ -56,6 +56,17 @@ def run_pure_step(apply_fn, params, model_state, tx, steps, batch, **step_kwargs
   return state, metrics
 
 
+@nnx.jit
+def nnx_aace_sam_step(model, optimizer, x, y):
+  """The nnx.Optimizer route: AACE at w, cross-entropy at w_adv."""
+  grads, grad_fn = aace_jax.nnx_sharpness_aware_grads(
+    model,
+    lambda m: aace_jax.aace_cross_entropy(m(x), y).mean(),
+    lambda m: aace_jax.cross_entropy(m(x), y).mean(),
+  )
+  optimizer.update(model, grads, grad_fn=grad_fn)
+
+
 def numpy_first_pass_statistics(kernel, bias, images, momentum=0.9):
   """BatchNorm running mean and variance after one training pass from (0, 1), restated in NumPy."""
   hidden = np.asarray(images, np.float64) @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
@@ -100,16 +111,7 @@ def test_batchnorm_statistics_come_from_the_first_pass_only_on_both_routes():
 
   optimizer = nnx.Optimizer(model, sam_tx(rho=1.0), wrt=nnx.Param)
 
-  @nnx.jit
-  def train_step(model, optimizer, x, y):
-    grads, grad_fn = aace_jax.nnx_sharpness_aware_grads(
-      model,
-      lambda m: aace_jax.aace_cross_entropy(m(x), y).mean(),
-      lambda m: aace_jax.cross_entropy(m(x), y).mean(),
-    )
-    optimizer.update(model, grads, grad_fn=grad_fn)
-
-  train_step(model, optimizer, batch["image"], batch["label"])
+  nnx_aace_sam_step(model, optimizer, batch["image"], batch["label"])
   np.testing.assert_allclose(model.norm.mean[...], expected_mean, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(model.norm.var[...], expected_var, rtol=1e-5, atol=1e-6)
 
@@ -122,17 +124,8 @@ def test_nnx_optimizer_route_equals_the_pure_step():
 
   optimizer = nnx.Optimizer(model, sam_tx(), wrt=nnx.Param)
 
-  @nnx.jit
-  def train_step(model, optimizer, x, y):
-    grads, grad_fn = aace_jax.nnx_sharpness_aware_grads(
-      model,
-      lambda m: aace_jax.aace_cross_entropy(m(x), y).mean(),
-      lambda m: aace_jax.cross_entropy(m(x), y).mean(),
-    )
-    optimizer.update(model, grads, grad_fn=grad_fn)
-
   for _ in range(3):
-    train_step(model, optimizer, batch["image"], batch["label"])
+    nnx_aace_sam_step(model, optimizer, batch["image"], batch["label"])
   np.testing.assert_allclose(model.dense.kernel[...], state.params["dense"]["kernel"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(model.norm.var[...], state.model_state["norm"]["var"], rtol=1e-5, atol=1e-6)
   # The loss at w_adv came out of grad_fn, with no third pass.
