@@ -240,6 +240,23 @@ def test_gradient_accumulation_averages_batchnorm_statistics():
   )
 
 
+def test_nonfinite_gradient_at_w_adv_alone_is_skipped():
+  # The network is finite at w and NaN anywhere else: only the second pass sees it.
+  params = mlp_params()
+  w1 = params["w1"]
+
+  def apply_fn(params, model_state, images, *, train, rng):
+    logits, model_state = mlp_apply(params, model_state, images, train=train, rng=rng)
+    return logits * jnp.where(jnp.all(params["w1"] == w1), 1.0, jnp.nan), model_state
+
+  tx = aace_jax.aace_sam(optax.sgd(0.1), 0.2)
+  state = aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
+  skipped, metrics = jax.jit(aace_jax.make_train_step(apply_fn, tx))(state, make_batch())
+  assert np.isfinite(metrics["perturbation_grad_norm"]) and np.isnan(metrics["grad_norm"])
+  assert metrics["skipped_steps"] == 1
+  np.testing.assert_array_equal(skipped.params["w1"], w1)
+
+
 @pytest.mark.parametrize("method", ["sgd", "aace_sam"])
 def test_nonfinite_batch_is_skipped(method):
   model = BatchNormNet()
