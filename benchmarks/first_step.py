@@ -32,7 +32,6 @@ def parse_args(argv=None):
   parser.add_argument("--optimizer", default="aace_sam", choices=("sgd", "sam", "aace_sam", "asam"))
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--scan_blocks", type=int, default=0, help="config.scan_blocks (basic-block PyramidNets)")
   parser.add_argument("--dataset", default="cifar100", help="the shape and classes of the inputs")
   parser.add_argument("--cache_dir", help="an existing compilation cache to use (default: a new, empty one)")
   parser.add_argument("--json", action="store_true", help="print only the JSON object")
@@ -57,7 +56,6 @@ def one_process(args) -> dict:
   config = default.get_config()
   config.dataset, config.model, config.optimizer, config.dtype = args.dataset, args.model, args.optimizer, args.dtype
   config.batch_size = config.eval_batch_size = args.batch
-  config.scan_blocks = args.scan_blocks
   config.compilation_cache_dir = args.cache_dir
   compilation_cache.enable(config)
   spec = input_pipeline.get_spec(args.dataset)
@@ -105,8 +103,6 @@ def run_child(args, cache_dir: str) -> dict:
     args.dtype,
     "--batch",
     str(args.batch),
-    "--scan_blocks",
-    str(args.scan_blocks),
     "--dataset",
     args.dataset,
     "--cache_dir",
@@ -134,7 +130,6 @@ def main(argv=None):
     "optimizer": args.optimizer,
     "dtype": args.dtype,
     "batch": args.batch,
-    "scan_blocks": args.scan_blocks,
     "dataset": args.dataset,
     "cold": cold,
     "cached": cached,

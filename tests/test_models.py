@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import aace_jax
 from train import models
 
 
@@ -116,43 +115,3 @@ def test_fast_init_gives_model_init_parameters(name):
 def test_registry_models_are_covered_by_the_init_test():
   covered = {type(m) for m in INIT_MODELS.values()}
   assert {type(models.create_model(name, 10)) for name in models.MODELS} <= covered
-
-
-def test_create_model_scans_only_basic_pyramidnets():
-  assert models.create_model("pyramidnet272", 10, scan_blocks=9).scan_blocks == 9
-  with pytest.raises(ValueError, match=r"scan_blocks=9 applies to \('pyramidnet272',\), not to 'wrn16_4'"):
-    models.create_model("wrn16_4", 10, scan_blocks=9)
-  with pytest.raises(ValueError, match="scan_blocks is for basic blocks"):
-    models.PyramidNet(29, 48, 10, bottleneck=True, scan_blocks=2).init(
-      jax.random.key(0), jnp.zeros((1, 8, 8, 3)), train=False
-    )
-
-
-@pytest.mark.parametrize("depth, run", [(20, 2), (26, 2)])  # 26: a run of 2 and a shorter last one
-def test_scanned_pyramidnet_is_the_unrolled_network(depth, run):
-  # The same variables (names, shapes, initial values), and the same logits, BatchNorm statistics and
-  # gradients in training, and logits in evaluation, up to the order of float additions.
-  unrolled = models.PyramidNet(depth, 48, 10)
-  scanned = models.PyramidNet(depth, 48, 10, scan_blocks=run)
-  images = jax.random.normal(jax.random.key(1), (6, 8, 8, 3))
-  labels = jnp.arange(6) % 10
-  variables = unrolled.init(jax.random.key(0), images[:1], train=False)
-  scanned_variables = scanned.init(jax.random.key(0), images[:1], train=False)
-  assert jax.tree.structure(scanned_variables) == jax.tree.structure(variables)
-  jax.tree.map(np.testing.assert_array_equal, scanned_variables, variables)
-
-  def train_loss(params, model):
-    logits, updates = model.apply({**variables, "params": params}, images, train=True, mutable=["batch_stats"])
-    return aace_jax.cross_entropy(logits, labels).mean(), (logits, updates["batch_stats"])
-
-  (loss, (logits, stats)), grads = jax.value_and_grad(train_loss, has_aux=True)(variables["params"], unrolled)
-  (loss_s, (logits_s, stats_s)), grads_s = jax.value_and_grad(train_loss, has_aux=True)(variables["params"], scanned)
-  np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
-  np.testing.assert_allclose(logits_s, logits, rtol=1e-4, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), stats_s, stats)
-  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4 * scale), grads_s, grads)
-  trained = {**variables, "batch_stats": stats}
-  np.testing.assert_allclose(
-    scanned.apply(trained, images, train=False), unrolled.apply(trained, images, train=False), rtol=1e-4, atol=1e-4
-  )

@@ -122,8 +122,6 @@ def test_learning_rate_schedule_is_the_authors():
     (dict(optimizer="adam"), "optimizer 'adam' is not one of"),
     (dict(dataset="imagenet"), "dataset 'imagenet' is not one of"),
     (dict(model="resnet"), "model 'resnet' is not one of"),
-    (dict(scan_blocks=3), r"scan_blocks applies to \('pyramidnet272',\), not to 'small_cnn'"),
-    (dict(scan_blocks=-1), "scan_blocks must be an int >= 0, got -1"),
     # The method's arguments are checked by the library, with its messages and ranges.
     (dict(rho=-0.1), r"field rho: aace_sam: rho must lie in \[0.0, inf\], got -0.1"),
     (dict(aace_threshold=1.5), r"field aace_threshold: aace_cross_entropy: threshold must lie in \[0.0, 1.0\]"),

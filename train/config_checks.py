@@ -71,14 +71,6 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
       all(_is_number(f) and 0 < f <= 1 for f in config.lr_milestones),
       f"lr_milestones must be fractions of training in (0, 1], got {tuple(config.lr_milestones)}",
     ),
-    (
-      isinstance(config.scan_blocks, int) and _at_least(config.scan_blocks, 0),
-      f"scan_blocks must be an int >= 0, got {config.scan_blocks}",
-    ),
-    (
-      config.scan_blocks == 0 or config.model in models.SCANNABLE_MODELS,
-      f"scan_blocks applies to {models.SCANNABLE_MODELS}, not to {config.model!r}",
-    ),
     (_at_least(config.grad_accum_steps, 1), f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}"),
     (
       _at_least(config.max_consecutive_skips, 1),

@@ -78,9 +78,7 @@ def load_authors_weights(config, state_dict: dict, workdir=None, data=None) -> d
   config_checks.check_config(config)
   experiment = train.create_experiment(config, data)
   architecture, blocks = architecture_of(
-    models.create_model(
-      config.model, experiment.data.spec.num_classes, models.DTYPES[config.dtype], scan_blocks=config.scan_blocks
-    )
+    models.create_model(config.model, experiment.data.spec.num_classes, models.DTYPES[config.dtype])
   )
   state = experiment.init_state()  # for the optimizer's state layout and the run's key
   template = jax.device_get({"params": state.params, **state.model_state})

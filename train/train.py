@@ -267,9 +267,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
       f" max_in_memory_gb={config.max_in_memory_gb}."
     )
   method = optimizers.create_training_method(config, data.steps_per_epoch)
-  model = models.create_model(
-    config.model, data.spec.num_classes, models.DTYPES[config.dtype], scan_blocks=config.scan_blocks
-  )
+  model = models.create_model(config.model, data.spec.num_classes, models.DTYPES[config.dtype])
   apply_fn = aace_jax.linen_apply_fn(model)
 
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -31,9 +31,6 @@ def get_config() -> ml_collections.ConfigDict:
     "small_cnn"  # linear | small_cnn | wrn16_4 | wrn28_10 | wrn28_10_authors | pyramidnet272 | pyramidnet272_bottleneck
   )
   config.dtype = "float32"  # computation dtype; parameters stay float32
-  # Basic-block PyramidNets: compile runs of k stride-1 blocks as one scan (PyramidNet-272: a faster compile for
-  # about 1.1-1.2x the convolution FLOPs, the same network up to float rounding); 0 unrolls every block.
-  config.scan_blocks = 0
 
   # Method.
   config.optimizer = "aace_sam"  # sgd | sam | aace_sam | asam
