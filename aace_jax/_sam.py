@@ -90,10 +90,17 @@ def _refuse_wrappers(owner: str, params) -> None:
 
 
 def _resolve_mask(owner: str, perturb_mask: Optional[PerturbMask], params):
-  """`perturb_mask` as a tree of Python bools shaped like `params` (None: all True)."""
+  """`perturb_mask` as a tree of Python bools shaped like `params` (None: all True).
+
+  A mask given as a tree was checked when the transformation was built; one
+  computed from `params` is checked here.
+  """
   if perturb_mask is None:
     return jax.tree.map(lambda _: True, params)
-  mask = perturb_mask(params) if callable(perturb_mask) else perturb_mask
+  mask = perturb_mask
+  if callable(perturb_mask):
+    mask = perturb_mask(params)
+    _check_mask_leaves(owner, mask)
   try:
     # A mask may be a prefix of the parameter tree, as for optax.masked.
     return jax.tree.map(lambda m, p: jax.tree.map(lambda _: m, p), mask, params)
@@ -215,7 +222,6 @@ def _sharpness_aware(
       raise ValueError(f"{owner}.update needs params: the perturbation is applied to them.")
     _refuse_wrappers(owner, params)
     mask = _resolve_mask(owner, perturb_mask, params)
-    _check_mask_leaves(owner, mask)
     grads = updates
     if batch_axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name=batch_axis_name)

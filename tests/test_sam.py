@@ -194,6 +194,9 @@ def test_perturb_mask_errors_name_the_bad_value():
   params = {"w": jnp.ones(2), "b": jnp.ones(())}
   with pytest.raises(TypeError, match=r"Python bools.*got 1 at \['w'\]"):
     aace_jax.aace_sam(optax.sgd(0.1), perturb_mask={"w": 1, "b": True})
+  computed = aace_jax.aace_sam(optax.sgd(0.1), perturb_mask=lambda p: {"w": True, "b": 0})
+  with pytest.raises(TypeError, match=r"Python bools.*got 0 at \['b'\]"):
+    computed.update(params, computed.init(params), params, grad_fn=lambda p: p)
   tx = aace_jax.aace_sam(optax.sgd(0.1), perturb_mask={"x": True})
   with pytest.raises(ValueError, match="perturb_mask must have the structure of params"):
     tx.update(params, tx.init(params), params, grad_fn=lambda p: p)
