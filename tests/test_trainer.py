@@ -177,6 +177,7 @@ def run_main(*args, timeout=300):
     (["--config.rho=-1"], "error: Bad config field rho: aace_sam: rho must lie in [0.0, inf], got -1.0"),
     (["--config.dataset=svhn"], "error: Bad config: dataset 'svhn' is not one of"),
     (["--config.no_such_field=1"], "no_such_field"),
+    (["--config.batch_size=4096"], "error: batch_size 4096 is larger than the"),
     (
       ["--config", "train/configs/wrn28_10_cifar100.py", "--config.data_dir=/nonexistent"],
       "tfds build cifar100 --file_format=array_record",

@@ -88,6 +88,10 @@ class RecordError(ValueError):
   """A dataset record that cannot be used, named by its split and index."""
 
 
+class DataMismatch(ValueError):
+  """Data that cannot serve the run as configured (too few examples for a batch, say)."""
+
+
 def get_spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
     raise ValueError(f"Unknown dataset {name!r}; choose one of {sorted(DATASETS)}.")
@@ -471,7 +475,7 @@ def create_data(
   spec = get_spec(name)
   for what, batch in (("batch_size", global_batch), ("eval_batch_size", global_eval_batch)):
     if batch % process_count:
-      raise ValueError(f"{what} {batch} is not divisible by the {process_count} processes.")
+      raise DataMismatch(f"{what} {batch} is not divisible by the {process_count} processes.")
   if name == "digits":
     sources = digits_sources()
   else:
@@ -488,7 +492,7 @@ def create_data(
   elif isinstance(train, Split):
     mean, std = channel_statistics(train.images)
   else:
-    raise ValueError(f"{name!r} has no normalization statistics and is too large to compute them in memory.")
+    raise DataMismatch(f"{name!r} has no normalization statistics and is too large to compute them in memory.")
   data = Data(
     spec=spec,
     train=train,
@@ -502,5 +506,5 @@ def create_data(
     process_count=process_count,
   )
   if data.steps_per_epoch < 1:
-    raise ValueError(f"batch_size {global_batch} is larger than the {len(train)} training examples of {name!r}.")
+    raise DataMismatch(f"batch_size {global_batch} is larger than the {len(train)} training examples of {name!r}.")
   return data

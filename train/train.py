@@ -53,6 +53,7 @@ RUN_ERRORS = (
   config_checks.ConfigError,
   input_pipeline.DatasetNotFoundError,
   input_pipeline.RecordError,
+  input_pipeline.DataMismatch,
   checkpointing.CheckpointError,
   TrainingStopped,
   workdir_files.WorkdirBusy,
