@@ -20,6 +20,7 @@ import optax
 
 from aace_jax import _losses
 from aace_jax import _sam
+from aace_jax._norms import all_finite
 from aace_jax._norms import global_norm
 
 Batch = dict[str, jax.Array]
@@ -178,12 +179,6 @@ def _learning_rate(opt_state) -> Optional[jax.Array]:
     if "learning_rate" in state.hyperparams:
       return jnp.asarray(state.hyperparams["learning_rate"], jnp.float32)
   return None
-
-
-def _all_finite(tree) -> jax.Array:
-  """True when every floating-point leaf of `tree` is finite (integer leaves, counters, are)."""
-  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 def _mean_value_and_grad(fn, params, images, labels, micro_batches: int):
@@ -403,7 +398,7 @@ def make_train_step(
       "perturbation_norm": sam_state.perturbation_norm if sam_state else missing,
     }
     # The gradient at w_adv is checked through its norm, which is non-finite when it is.
-    finite = _all_finite(grads) & (jnp.isfinite(metrics["grad_norm"]) | (sam_state is None))
+    finite = all_finite(grads) & (jnp.isfinite(metrics["grad_norm"]) | (sam_state is None))
     return updates, new_model_state, opt_state, logits, metrics, finite
 
   def plain_update(state, images, labels, forward, loss_rng):
@@ -426,7 +421,7 @@ def make_train_step(
       "perturbation_grad_norm": jnp.zeros([]),
       "perturbation_norm": jnp.zeros([]),
     }
-    return updates, new_model_state, opt_state, logits, metrics, _all_finite(grads)
+    return updates, new_model_state, opt_state, logits, metrics, all_finite(grads)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     images, labels = batch["image"], batch["label"]
@@ -455,7 +450,7 @@ def make_train_step(
     if skip_nonfinite:
       # A finite gradient can still give a non-finite state (a NaN learning
       # rate, BatchNorm statistics overflowing on a huge input).
-      finite = finite & _all_finite(updated)
+      finite = finite & all_finite(updated)
       if axis_name is not None:  # every replica must take the same decision
         finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
       current = (state.params, state.model_state, state.opt_state)

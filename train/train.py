@@ -316,7 +316,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
     return aace_jax.TrainState.create(params=params, model_state=dict(variables), tx=method.tx, rng=state_key)
 
   def init_state():
-    return aace_jax.replicate_on_mesh(create_state(models.init_variables(model, init_key, data.spec.image_shape)), mesh)
+    return aace_jax.replicate_on_mesh(models.init_variables(model, init_key, data.spec.image_shape, create_state), mesh)
 
   replicated = NamedSharding(mesh, P())
   state_shapes = jax.tree.map(
