@@ -146,8 +146,12 @@ def _accepts_key(loss_fn: PerExampleLoss) -> bool:
 def _calls_grad_fn(tx, opt_state, params) -> bool:
   """Whether `tx.update` asks for `grad_fn` (a sharpness-aware transformation).
 
-  Decided by an abstract trace at trace time: no compiled work, no cost per step.
+  A state holding a `SAMState` is one of ours, which does; any other is
+  decided by an abstract trace of `tx.update` at trace time (no compiled
+  work, no cost per step, but a few seconds of tracing for a deep network).
   """
+  if _find_states(opt_state, _sam.SAMState):
+    return True
   called = []
 
   def record(w):  # returns what the step's grad_fn returns: (loss, gradient)

@@ -143,6 +143,28 @@ def test_sharpness_aware_step_is_two_passes_traced_once_without_host_transfers()
   assert step._cache_size() == 1
 
 
+def test_a_transformation_of_ones_own_that_calls_grad_fn_gets_both_passes():
+  # Not aace_sam or sam (no SAMState): the step finds out by tracing its update.
+  def init(params):
+    return optax.EmptyState()
+
+  def update(updates, state, params=None, *, grad_fn):
+    loss_there, grads_there = grad_fn(jax.tree.map(lambda w, g: w - 0.3 * g, params, updates))
+    del loss_there
+    return jax.tree.map(lambda g: -0.1 * g, grads_there), state
+
+  tx = optax.GradientTransformationExtraArgs(init, update)
+  params, batch = mlp_params(), make_batch()
+  state = aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
+  new_state, _ = jax.jit(aace_jax.make_train_step(mlp_apply, tx))(state, batch)
+
+  mean_loss = lambda p, fn: fn(mlp_apply(p, {}, batch["image"], train=True, rng=None)[0], batch["label"]).mean()
+  g = jax.grad(mean_loss)(params, aace_jax.aace_cross_entropy)
+  g_there = jax.grad(mean_loss)(jax.tree.map(lambda w, gi: w - 0.3 * gi, params, g), aace_jax.cross_entropy)
+  expected = jax.tree.map(lambda w, gi: w - 0.1 * gi, params, g_there)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_state.params, expected)
+
+
 def test_batchnorm_statistics_come_from_the_first_pass_only():
   model = BatchNormNet()
   batch = make_batch()
