@@ -149,8 +149,7 @@ def test_a_transformation_of_ones_own_that_calls_grad_fn_gets_both_passes():
     return optax.EmptyState()
 
   def update(updates, state, params=None, *, grad_fn):
-    loss_there, grads_there = grad_fn(jax.tree.map(lambda w, g: w - 0.3 * g, params, updates))
-    del loss_there
+    _, grads_there = grad_fn(jax.tree.map(lambda w, g: w - 0.3 * g, params, updates))
     return jax.tree.map(lambda g: -0.1 * g, grads_there), state
 
   tx = optax.GradientTransformationExtraArgs(init, update)

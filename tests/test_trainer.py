@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -310,3 +311,20 @@ def test_resumed_run_restores_into_shapes_without_initializing(monkeypatch, tmp_
   monkeypatch.setattr(train.models, "init_variables", no_init)
   assert train.train_and_evaluate(small_config(), resumed)["finished"]
   assert_same_checkpoint(straight, resumed)
+
+
+def test_init_program_is_the_same_for_every_seed(monkeypatch):
+  # The persistent cache then serves a run with a new seed: only the key differs, and it is an argument.
+  compiled_texts = []
+  real_compile = jax.stages.Lowered.compile
+
+  def recording_compile(self, *args, **kwargs):
+    compiled_texts.append(self.as_text())
+    return real_compile(self, *args, **kwargs)
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", recording_compile)
+  states = [train.create_experiment(small_config(seed=seed)).init_state() for seed in (0, 1)]
+  assert len(compiled_texts) == 2 and compiled_texts[0] == compiled_texts[1]
+  # The seed still reaches the state: other parameters, another run key.
+  assert not np.array_equal(states[0].params["Dense_0"]["kernel"], states[1].params["Dense_0"]["kernel"])
+  assert not np.array_equal(jax.random.key_data(states[0].rng), jax.random.key_data(states[1].rng))

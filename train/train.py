@@ -316,7 +316,11 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
     return aace_jax.TrainState.create(params=params, model_state=dict(variables), tx=method.tx, rng=state_key)
 
   def init_state():
-    return aace_jax.replicate_on_mesh(models.init_variables(model, init_key, data.spec.image_shape, create_state), mesh)
+    # The run's key joins the state after the compiled init: inside it, it
+    # would be a constant of the program, and every seed would compile anew.
+    without_key = lambda variables: create_state(variables)._replace(rng=None)
+    state = models.init_variables(model, init_key, data.spec.image_shape, without_key)
+    return aace_jax.replicate_on_mesh(state._replace(rng=state_key), mesh)
 
   replicated = NamedSharding(mesh, P())
   state_shapes = jax.tree.map(
