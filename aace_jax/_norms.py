@@ -33,5 +33,5 @@ def global_norm(tree) -> jax.Array:
 
 def all_finite(tree) -> jax.Array:
   """True when every floating-point leaf of `tree` is finite (integer leaves, counters, are)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.isfinite(_flat(leaves))) if leaves else jnp.array(True)

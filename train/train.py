@@ -311,15 +311,14 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
 
   init_key, state_key = jax.random.split(jax.random.key(config.seed))
 
-  def create_state(variables):
+  def create_state(variables, rng=state_key):
     params = variables.pop("params")
-    return aace_jax.TrainState.create(params=params, model_state=dict(variables), tx=method.tx, rng=state_key)
+    return aace_jax.TrainState.create(params=params, model_state=dict(variables), tx=method.tx, rng=rng)
 
   def init_state():
     # The run's key joins the state after the compiled init: inside it, it
     # would be a constant of the program, and every seed would compile anew.
-    without_key = lambda variables: create_state(variables)._replace(rng=None)
-    state = models.init_variables(model, init_key, data.spec.image_shape, without_key)
+    state = models.init_variables(model, init_key, data.spec.image_shape, lambda v: create_state(v, rng=None))
     return aace_jax.replicate_on_mesh(state._replace(rng=state_key), mesh)
 
   replicated = NamedSharding(mesh, P())
