@@ -85,3 +85,6 @@ def test_first_step_json_report_cold_then_cached():
   assert cold["cache_misses"] > 0 and cold["cache_hits"] == 0
   assert cached["cache_misses"] == 0 and cached["cache_hits"] == cold["cache_misses"]
   assert cached["cache_entries"] == cold["cache_entries"]  # the cached run compiled nothing new
+  # The step compiled ahead, beside the init; its first call compiled nothing more.
+  assert cold["first_call_compiles"] == cached["first_call_compiles"] == 0
+  assert cold["ready_seconds"] <= cold["first_step_seconds"]

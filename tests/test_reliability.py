@@ -255,3 +255,48 @@ def test_sigterm_during_startup_stops_after_the_first_step_with_a_checkpoint(mon
   result = train.train_and_evaluate(small_config(), str(tmp_path / "run"))
   assert result["stopped_by"] == "SIGTERM" and result["step"] == 1
   assert latest_checkpoint(str(tmp_path / "run"))[0] == 1
+
+
+def assert_same_history_rows(reference, workdir, epochs):
+  """`workdir`'s metrics.csv holds the rows of `epochs`, equal to `reference`'s but for the timing."""
+  rows, expected = read_rows(workdir), read_rows(reference)[: len(epochs)]
+  assert [r["epoch"] for r in rows] == [r["epoch"] for r in expected] == [str(e) for e in epochs]
+  for row, expected_row in zip(rows, expected):
+    for column in checkpointing.HISTORY_COLUMNS:
+      assert row[column] == expected_row[column], (row["epoch"], column)
+
+
+@pytest.mark.parametrize("stop_after_epoch", [0, 1])  # the first epoch, and the last
+def test_a_stop_at_an_epochs_last_step_evaluates_the_epoch_first(monkeypatch, tmp_path, stop_after_epoch):
+  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+  config = small_config(num_epochs=2)
+  stop_step = (stop_after_epoch + 1) * train.train_and_evaluate(config, straight)["step"] // 2
+  monkeypatch.setattr(
+    train.StopSignals, "stop_reason", lambda self, step, at_log_point: "SIGTERM" if step == stop_step else None
+  )
+  result = train.train_and_evaluate(config, stopped)
+  assert result["stopped_by"] == "SIGTERM" and result["step"] == stop_step
+  assert result["finished"] == (stop_after_epoch == 1)
+  assert_same_history_rows(straight, stopped, range(stop_after_epoch + 1))  # the stopped epoch's row too
+  assert latest_checkpoint(stopped)[0] == stop_step
+  monkeypatch.undo()
+  assert train.train_and_evaluate(config, stopped)["finished"]
+  assert_same_history_rows(straight, stopped, range(2))
+  assert_same_checkpoint(straight, stopped)
+
+
+def test_a_checkpoint_at_an_epochs_end_without_its_row_is_evaluated_on_resume(monkeypatch, tmp_path):
+  """As a stop for non-finite steps at an epoch's last step leaves it (and a stop at any last step did before
+  the stop evaluated the epoch): the resumed run evaluates that epoch, then trains on."""
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  config = small_config(num_epochs=2)
+  train.train_and_evaluate(config, straight)
+  monkeypatch.setattr(train.checkpointing, "with_row", lambda history, row: history)  # rows kept out of checkpoints
+  train.train_and_evaluate(small_config(num_epochs=2, halt_after_epochs=1), resumed)
+  monkeypatch.undo()
+  os.remove(os.path.join(resumed, "metrics.csv"))  # the rows come from the checkpoint, which has none
+  assert train.train_and_evaluate(config, resumed)["finished"]
+  rows = read_rows(resumed)
+  assert rows[0]["images_per_sec"] == "nan"  # evaluated only: no step timed
+  assert_same_history_rows(straight, resumed, range(2))
+  assert_same_checkpoint(straight, resumed)

@@ -7,6 +7,7 @@ import pathlib
 import struct
 import subprocess
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -230,6 +231,29 @@ def test_second_process_loads_the_compiled_steps_from_the_cache(tmp_path):
   hits = second.stdout.split("compilation cache: ")[1].split(")")[0]
   assert hits.endswith(" hits, 0 misses") and not hits.startswith("0 hits"), hits
   assert sorted(p.name for p in cache.iterdir()) == entries  # nothing compiled anew
+
+
+@pytest.mark.parametrize("data_on_device", [False, True])
+def test_train_step_compiles_once_beside_the_init_or_restore(tmp_path, data_on_device):
+  """The step compiles from the state's shapes in a thread while the state initializes or is restored; the
+  first step then finds it compiled."""
+  step_name = "jit(resident_step)" if data_on_device else "jit(host_fed_step)"
+  compiling_threads = []
+
+  def record(event, duration, *, fun_name="", **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration" and fun_name == step_name:
+      compiling_threads.append(threading.current_thread().name)
+
+  jax.monitoring.register_event_duration_secs_listener(record)
+  try:
+    config = small_config(data_on_device=data_on_device, halt_after_epochs=1)
+    for run in ("new", "resumed"):
+      compiling_threads.clear()
+      train.train_and_evaluate(config, str(tmp_path))
+      assert len(compiling_threads) == 1 and compiling_threads[0].startswith("compile_train_step"), run
+  finally:
+    jax.monitoring.unregister_event_duration_listener(record)
+  assert read_csv(tmp_path)[-1]["epoch"] == "1"  # the second run resumed
 
 
 @pytest.mark.parametrize("model", ["wrn28_10", "pyramidnet272"])

@@ -87,7 +87,7 @@ def main(argv):
   if jax.process_index() != 0:
     return
   where = f"workdir {os.path.abspath(workdir)}"
-  if result["stopped_by"] in ("SIGTERM", "SIGINT", "SIGINT on another host"):
+  if result["stopped_by"] in ("SIGTERM", "SIGINT", "SIGINT on another host") and not result["finished"]:
     print(
       f"stopped by {result['stopped_by']} at step {result['step']}, checkpoint written;"
       f" rerun the same command to resume. {where}"

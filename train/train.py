@@ -15,6 +15,7 @@ workdir's files in `workdir.py`, checkpoints in `checkpointing.py`.
 """
 
 import collections
+import concurrent.futures
 import itertools
 import os
 import signal
@@ -215,10 +216,11 @@ def make_device_steps(train_step, eval_step, data: input_pipeline.Data, *, seed:
   def normalized_eval_step(state, batch):
     return eval_step(state, {**batch, "image": augment.normalize(batch["image"], data.mean, data.std)})
 
+  def host_fed_step(state, totals, batch):
+    return augmented_step(state, totals, batch["image"], batch["label"])
+
   return (
-    jax.jit(
-      lambda state, totals, batch: augmented_step(state, totals, batch["image"], batch["label"]), donate_argnums=(0, 1)
-    ),
+    jax.jit(host_fed_step, donate_argnums=(0, 1)),
     jax.jit(resident_step, donate_argnums=(0, 1)),
     jax.jit(normalized_eval_step),
   )
@@ -233,7 +235,9 @@ class Experiment(NamedTuple):
     init_state: ``() ->`` the initial train state on the devices (compiles and
       runs the parameter init; a resumed run never calls it).
     totals: the initial epoch totals, on the devices.
-    train_step: ``(state, totals, batch) -> (state, totals, metrics)``, compiled.
+    train_step: ``(state, totals, batch) -> (state, totals, metrics)``, jitted.
+    train_step_shapes: ``() ->`` the shapes, dtypes and shardings of
+      `train_step`'s arguments, to compile it before the state exists.
     train_batches: ``(epoch, start_step) ->`` the batches to give `train_step`, on the devices.
     eval_step, eval_batches: likewise for evaluation (``eval_batches()``).
   """
@@ -243,6 +247,7 @@ class Experiment(NamedTuple):
   init_state: Callable[[], aace_jax.TrainState]
   totals: dict
   train_step: Callable
+  train_step_shapes: Callable[[], tuple]
   train_batches: Callable[[int, int], Iterator]
   eval_step: Callable
   eval_batches: Callable[[], Iterator]
@@ -294,6 +299,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
   def to_global(batch):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
 
+  replicated = NamedSharding(mesh, P())
   if config.data_on_device:
     images, labels = aace_jax.replicate_on_mesh((data.train.images, data.train.labels), mesh)
 
@@ -301,11 +307,22 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
       split = DeviceSplit(images, labels, aace_jax.replicate_on_mesh(data.epoch_order(epoch), mesh))
       return itertools.repeat(split, data.steps_per_epoch - start_step)
 
+    def batch_shapes():
+      return DeviceSplit(images, labels, jax.ShapeDtypeStruct((len(data.train),), jnp.int32, sharding=replicated))
+
     train_step = resident_step
   else:
 
     def train_batches(epoch, start_step):
       return prefetch_to_device(data.train_batches(epoch, start_step), to_global)
+
+    def batch_shapes():
+      # One stored record tells the dtype (uint8, or float32 for float datasets) without reading a batch.
+      image, label = data.train.take(np.arange(1))
+      return {
+        "image": jax.ShapeDtypeStruct((data.global_batch, *image.shape[1:]), image.dtype, sharding=batch_sharding),
+        "label": jax.ShapeDtypeStruct((data.global_batch,), label.dtype, sharding=batch_sharding),
+      }
 
     train_step = host_fed_step
 
@@ -321,17 +338,18 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
     state = models.init_variables(model, init_key, data.spec.image_shape, lambda v: create_state(v, rng=None))
     return aace_jax.replicate_on_mesh(state._replace(rng=state_key), mesh)
 
-  replicated = NamedSharding(mesh, P())
   state_shapes = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
     jax.eval_shape(lambda: create_state(model.init(init_key, jnp.zeros((1, *data.spec.image_shape)), train=False))),
   )
+  totals = aace_jax.replicate_on_mesh(zero_totals(), mesh)
   return Experiment(
     data=data,
     state_shapes=state_shapes,
     init_state=init_state,
-    totals=aace_jax.replicate_on_mesh(zero_totals(), mesh),
+    totals=totals,
     train_step=train_step,
+    train_step_shapes=lambda: (state_shapes, totals, batch_shapes()),
     train_batches=train_batches,
     eval_step=eval_step,
     eval_batches=lambda: prefetch_to_device(data.eval_batches(), to_global),
@@ -415,7 +433,8 @@ class EpochLog:
       "val_loss": val_loss,
       "val_acc": val_acc,
       "skipped_steps": float(totals["skipped"]),
-      "images_per_sec": self.steps_run * self.config.batch_size / self.train_seconds,
+      # NaN for an epoch that a resumed run only evaluated (stopped after its last step).
+      "images_per_sec": self.steps_run * self.config.batch_size / self.train_seconds if self.steps_run else np.nan,
       "wall_time": wall_time,
     }
 
@@ -426,6 +445,25 @@ class EpochLog:
         f" acc {row['train_acc']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
         f" | lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s"
       )
+
+
+def compile_train_step_ahead(experiment: Experiment) -> concurrent.futures.Future:
+  """Traces and lowers the train step from its arguments' shapes, then compiles it in a thread.
+
+  Returns once the compile has started: the state is initialized or restored
+  meanwhile, since XLA compiles outside Python's lock (PyramidNet-272's init
+  beside its step's compile on a CPU, a checkpoint's restore beside it on a
+  GPU). The trace and lowering are Python and stay in this thread, ahead of
+  the init's own trace, which would otherwise slow them down. The first step,
+  called with arguments of those shapes, finds the executable in jit's own
+  caches and compiles nothing. Wait on the future before the first step: a
+  step called while the compile runs would compile it a second time.
+  """
+  lowered = experiment.train_step.trace(*experiment.train_step_shapes()).lower()
+  executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step")
+  compiling = executor.submit(lowered.compile)
+  executor.shutdown(wait=False)
+  return compiling
 
 
 def restore_or_initialize(checkpoints: checkpointing.Checkpoints, experiment: Experiment, num_epochs: int):
@@ -449,6 +487,7 @@ def train_loop(
     os.path.abspath(os.path.join(workdir, "checkpoints")), config.checkpoint_max_to_keep
   )
   try:
+    compiling = compile_train_step_ahead(experiment)
     state, totals, history = restore_or_initialize(checkpoints, experiment, config.num_epochs)
     rows = checkpointing.history_rows(history, files.read())
     files.restore(rows)
@@ -457,7 +496,13 @@ def train_loop(
     last_row = rows[-1] if rows else None
     stopped_by = None
     halt_at = None if config.halt_after_epochs is None else start_step // steps_per_epoch + config.halt_after_epochs
-    for epoch in range(start_step // steps_per_epoch, config.num_epochs):
+    # A stop after an epoch's last step leaves the epoch trained but not evaluated: start there, with no
+    # steps left, so that it gets its evaluation and its row.
+    epoch_of_last_step = (start_step - 1) // steps_per_epoch
+    unevaluated = start_step > 0 and epoch_of_last_step not in {row["epoch"] for row in rows}
+    first_epoch = epoch_of_last_step if unevaluated else start_step // steps_per_epoch
+    compiling.result()  # raises what the compile raised
+    for epoch in range(first_epoch, config.num_epochs):
       if halt_at is not None and epoch >= halt_at:
         stopped_by = "halt_after_epochs"
         break
@@ -479,9 +524,10 @@ def train_loop(
         if stopped_by is not None:
           break
       log.close()
-      if stopped_by is not None:
-        checkpoints.save(state, totals, history)
+      if stopped_by is not None and index + 1 < steps_per_epoch:
+        checkpoints.save(state, totals, history)  # with the epoch's running totals: the resumed run ends it
         break
+      # A stop after the epoch's last step still evaluates it, so that its checkpoint holds its row.
       val_loss, val_acc = evaluate(experiment.eval_step, state, experiment.eval_batches())
       last_row = log.row(totals, val_loss, val_acc, wall_time=clock.wall_time())
       # The row is part of the checkpoint: a kill before the CSV write loses nothing.
@@ -489,11 +535,13 @@ def train_loop(
       checkpoints.save(state, totals, history)
       files.append(last_row)
       log.report(last_row)
+      if stopped_by is not None:
+        break
   finally:
     checkpoints.wait()  # a stop or an error still leaves the last checkpoint whole
     checkpoints.close()
     files.close()
-  finished = stopped_by is None and last_row is not None and last_row["epoch"] == config.num_epochs - 1
+  finished = last_row is not None and last_row["epoch"] == config.num_epochs - 1
   return {
     **(last_row or {}),
     "workdir": workdir,
@@ -512,7 +560,7 @@ def train_and_evaluate(
   Resumes from the newest usable checkpoint in `workdir/checkpoints`, and
   rebuilds metrics.csv from it. Stops early, resumably, after
   `config.halt_after_epochs` epochs or on SIGTERM/SIGINT (after the current
-  step, with a checkpoint). One run at a time holds the workdir.
+  step, with a checkpoint; at an epoch's last step, after its evaluation). One run at a time holds the workdir.
 
   Args:
     config: the run's config (see `train/configs/default.py`).
