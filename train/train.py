@@ -496,8 +496,8 @@ def train_loop(
     last_row = rows[-1] if rows else None
     stopped_by = None
     halt_at = None if config.halt_after_epochs is None else start_step // steps_per_epoch + config.halt_after_epochs
-    # A stop after an epoch's last step leaves the epoch trained but not evaluated: start there, with no
-    # steps left, so that it gets its evaluation and its row.
+    # A checkpoint at an epoch's end without the epoch's row (non-finite steps stopped the run at its last
+    # step, or an older trainer stopped there): start in that epoch, with no steps left, to evaluate it.
     epoch_of_last_step = (start_step - 1) // steps_per_epoch
     unevaluated = start_step > 0 and epoch_of_last_step not in {row["epoch"] for row in rows}
     first_epoch = epoch_of_last_step if unevaluated else start_step // steps_per_epoch
