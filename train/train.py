@@ -433,7 +433,7 @@ class EpochLog:
       "val_loss": val_loss,
       "val_acc": val_acc,
       "skipped_steps": float(totals["skipped"]),
-      # NaN for an epoch that a resumed run only evaluated (stopped after its last step).
+      # NaN for an epoch that a resumed run only evaluated (its end-of-epoch checkpoint lacked its row).
       "images_per_sec": self.steps_run * self.config.batch_size / self.train_seconds if self.steps_run else np.nan,
       "wall_time": wall_time,
     }
@@ -560,7 +560,8 @@ def train_and_evaluate(
   Resumes from the newest usable checkpoint in `workdir/checkpoints`, and
   rebuilds metrics.csv from it. Stops early, resumably, after
   `config.halt_after_epochs` epochs or on SIGTERM/SIGINT (after the current
-  step, with a checkpoint; at an epoch's last step, after its evaluation). One run at a time holds the workdir.
+  step, with a checkpoint; at an epoch's last step, after its evaluation).
+  One run at a time holds the workdir.
 
   Args:
     config: the run's config (see `train/configs/default.py`).
