@@ -178,6 +178,7 @@ def _sharpness_aware(
   normalize: bool,
   adaptive: bool,
   eps,
+  max_perturbation_norm,
   perturb_mask: Optional[PerturbMask],
   batch_axis_name: Optional[str],
 ) -> optax.GradientTransformationExtraArgs:
@@ -186,6 +187,8 @@ def _sharpness_aware(
     raise TypeError(f"{owner}: optimizer must be an optax.GradientTransformation, got {optimizer!r}.")
   _checks.check_in_range(owner, "rho", rho, 0.0, float("inf"))
   _checks.check_in_range(owner, "eps", eps, 0.0, float("inf"))
+  if max_perturbation_norm is not None:
+    _checks.check_in_range(owner, "max_perturbation_norm", max_perturbation_norm, 0.0, float("inf"))
   for name, flag in (("normalize", normalize), ("adaptive", adaptive)):
     if not isinstance(flag, bool):
       raise TypeError(f"{owner}: {name} must be a bool, got {flag!r}.")
@@ -238,6 +241,11 @@ def _sharpness_aware(
       denominator = grad_norm + eps
       # A zero gradient gives a zero perturbation even with eps=0.
       scale = jnp.where(denominator > 0, scale / jnp.where(denominator > 0, denominator, 1), 0)
+    if max_perturbation_norm is not None:
+      # ||e|| = |scale| ||direction||; the direction is g, or T^2 g whose norm is not ||T g||.
+      step_norm = jnp.abs(scale) * (global_norm(grads) if adaptive else grad_norm)
+      too_long = step_norm > max_perturbation_norm
+      scale = jnp.where(too_long, scale * max_perturbation_norm / jnp.where(too_long, step_norm, 1), scale)
     _warn_if_rounded_away(owner, params, mask)
     perturbed_params = jax.tree.map(
       lambda w, g, m: (w + scale * upcast(g)).astype(w.dtype) if m else w, params, grads, mask
@@ -266,6 +274,7 @@ def aace_sam(
   normalize: bool = False,
   adaptive: bool = False,
   eps: jax.typing.ArrayLike = 1e-12,
+  max_perturbation_norm: Optional[jax.typing.ArrayLike] = None,
   perturb_mask: Optional[PerturbMask] = None,
   batch_axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -281,7 +290,16 @@ def aace_sam(
                       1 & \text{otherwise} \end{cases}
 
   with :math:`T = |w|` element-wise when ``adaptive`` (ASAM) and :math:`T = 1`
-  otherwise. It then calls ``grad_fn(w_adv)`` for the training-loss gradient
+  otherwise; with ``max_perturbation_norm`` :math:`c`, a perturbation
+  :math:`e = w_{adv} - w` longer than :math:`c` is scaled to length :math:`c`.
+
+  The paper's perturbation is not normalized, and the AACE gradient grows as
+  the model becomes confident: on a network whose layers are not followed by
+  normalization (a dense hidden layer on thousands of features), ``rho=0.2``
+  can push :math:`w_{adv}` so far that training breaks down (the README's
+  "When AACE-SAM breaks down"). ``max_perturbation_norm`` bounds it and
+  leaves every shorter perturbation as the paper computes it;
+  ``normalize=True`` fixes its length instead. It then calls ``grad_fn(w_adv)`` for the training-loss gradient
   :math:`\nabla_w L_{\mathrm{CE}}(w_{\mathrm{adv}})` and returns
   ``optimizer``'s update for that gradient, taken at :math:`w` (weight decay
   in ``optimizer`` therefore acts on :math:`w`, not :math:`w_{adv}`).
@@ -325,6 +343,8 @@ def aace_sam(
       ``use_grad_norm``; off in all their runs).
     adaptive: ASAM's element-wise scaling :math:`T = |w|`.
     eps: :math:`\epsilon \ge 0`, used when ``normalize``.
+    max_perturbation_norm: :math:`c \ge 0`, the longest perturbation
+      :math:`\|w_{adv} - w\|` applied; None (the paper) bounds nothing.
     perturb_mask: which parameters to perturb: a tree of Python bools with
       the structure of ``params`` (or a prefix of it), or a function of
       ``params`` returning one, as for ``optax.masked``. Unperturbed leaves
@@ -371,6 +391,7 @@ def aace_sam(
     normalize=normalize,
     adaptive=adaptive,
     eps=eps,
+    max_perturbation_norm=max_perturbation_norm,
     perturb_mask=perturb_mask,
     batch_axis_name=batch_axis_name,
   )
@@ -383,6 +404,7 @@ def sam(
   normalize: bool = True,
   adaptive: bool = False,
   eps: jax.typing.ArrayLike = 1e-12,
+  max_perturbation_norm: Optional[jax.typing.ArrayLike] = None,
   perturb_mask: Optional[PerturbMask] = None,
   batch_axis_name: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -406,6 +428,8 @@ def sam(
       off only to experiment).
     adaptive: ASAM's element-wise scaling :math:`T = |w|`.
     eps: :math:`\epsilon \ge 0`.
+    max_perturbation_norm: the longest perturbation applied, as in
+      :func:`aace_sam` (only useful with ``normalize=False``).
     perturb_mask: which parameters to perturb, as in :func:`aace_sam`.
     batch_axis_name: a mapped axis over which both gradients are averaged.
 
@@ -442,6 +466,7 @@ def sam(
     normalize=normalize,
     adaptive=adaptive,
     eps=eps,
+    max_perturbation_norm=max_perturbation_norm,
     perturb_mask=perturb_mask,
     batch_axis_name=batch_axis_name,
   )

@@ -73,6 +73,7 @@ STEP_METRICS = (
   "grad_norm",
   "perturbation_grad_norm",
   "perturbation_norm",
+  "param_norm",
   "skipped_steps",
   "learning_rate",
 )
@@ -309,6 +310,8 @@ def make_train_step(
       is built from; ``perturbation_norm``: :math:`\|w_{adv} - w\|` (both 0
       for a plain optimizer);
     - ``grad_norm``: the norm of the gradient given to the optimizer;
+    - ``param_norm``: :math:`\|w\|` before the update, the scale against
+      which ``perturbation_norm`` reads;
     - ``skipped_steps``: 1 when the update was skipped;
     - ``learning_rate`` when ``tx`` injects one, and one entry per
       ``extra_metrics`` name.
@@ -446,7 +449,7 @@ def make_train_step(
     if grad_accum_steps > 1:
       logits = logits.reshape(-1, logits.shape[-1])
       new_model_state = jax.tree.map(lambda x: x.mean(0), new_model_state)
-    metrics.update(first_pass_metrics(logits, labels, loss_rng))
+    metrics.update(first_pass_metrics(logits, labels, loss_rng), param_norm=global_norm(state.params))
     learning_rate = _learning_rate(opt_state)
     if learning_rate is not None:
       metrics["learning_rate"] = learning_rate

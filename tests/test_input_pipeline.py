@@ -206,10 +206,11 @@ def test_digits_split_is_fixed():
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "fashion_mnist", "food101"])
-def test_tfds_datasets_through_mock_data(name):
+def test_tfds_datasets_through_mock_data(name, tmp_path):
   spec = ip.get_spec(name)
+  # A data_dir without IDX files: Fashion-MNIST's real files, where installed, do not take the mock's place.
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-    data = ip.create_data(name, global_batch=8, global_eval_batch=16, seed=0)
+    data = ip.create_data(name, global_batch=8, global_eval_batch=16, seed=0, data_dir=str(tmp_path))
     batches = list(data.train_batches(0))
     evals = list(data.eval_batches())
   assert len(batches) == 3

@@ -38,8 +38,8 @@ def np_mlp_grads(params, x, y, loss):
   }
 
 
-def np_authors_training(params, x, y, steps, rho, *, perturbation_loss, ascent, normalize, adaptive):
-  """SAM.first_step / second_step and torch SGD(lr 0.1, momentum 0.9, wd 5e-4)."""
+def np_authors_training(params, x, y, steps, rho, *, perturbation_loss, ascent, normalize, adaptive, max_norm=None):
+  """SAM.first_step / second_step and torch SGD(lr 0.1, momentum 0.9, wd 5e-4); `max_norm` shortens a longer e."""
   lr, momentum, wd = 0.1, 0.9, 5e-4
   params = {k: v.copy() for k, v in params.items()}
   buffers = None
@@ -50,6 +50,9 @@ def np_authors_training(params, x, y, steps, rho, *, perturbation_loss, ascent, 
     scale = rho / (grad_norm + 1e-12) if normalize else rho
     sign = 1.0 if ascent else -1.0
     e = {k: sign * (scale_t[k] ** 2) * g[k] * scale for k in g}
+    e_norm = np.sqrt(sum(np.sum(v**2) for v in e.values()))
+    if max_norm is not None and e_norm > max_norm:
+      e = {k: v * (max_norm / e_norm) for k, v in e.items()}
     perturbed = {k: params[k] + e[k] for k in params}
     g2 = np_mlp_grads(perturbed, x, y, "ce")
     d = {k: g2[k] + wd * params[k] for k in params}
@@ -93,6 +96,43 @@ def test_parity_with_authors_update_float64(method, normalize, adaptive):
   # The state's logged norms are those of the last step (stored as float32).
   np.testing.assert_allclose(state.perturbation_grad_norm, grad_norm, rtol=1e-6)
   np.testing.assert_allclose(state.perturbation_norm, perturbation_norm, rtol=1e-6)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("method", ["aace_sam", "sam"])
+def test_max_perturbation_norm_shortens_only_longer_perturbations(method, adaptive):
+  params, x, y = make_mlp_problem()
+  rho, loss, fn = (
+    (0.2, "aace", aace_jax.aace_cross_entropy) if method == "aace_sam" else (5.0, "ce", aace_jax.cross_entropy)
+  )
+  make = getattr(aace_jax, method)
+  _, _, free_norm = np_authors_training(
+    params, x, y, 1, rho, perturbation_loss=loss, ascent=method == "sam", normalize=False, adaptive=adaptive
+  )
+  for cap in (free_norm / 3, free_norm * 3):  # binding, then not
+    expected, _, perturbation_norm = np_authors_training(
+      params,
+      x,
+      y,
+      5,
+      rho,
+      perturbation_loss=loss,
+      ascent=method == "sam",
+      normalize=False,
+      adaptive=adaptive,
+      max_norm=cap,
+    )
+    tx = make(base_optimizer(), rho, normalize=False, adaptive=adaptive, max_perturbation_norm=cap)
+    with jax.enable_x64(True):
+      got, state = run_library(tx, jax.tree.map(jnp.asarray, params), x, y, 5, fn)
+    for k in expected:
+      np.testing.assert_allclose(np.asarray(got[k]), expected[k], rtol=1e-12, atol=1e-12, err_msg=k)
+    np.testing.assert_allclose(state.perturbation_norm, perturbation_norm, rtol=1e-6)
+  assert perturbation_norm < free_norm * 3  # the last cap did not bind: the free run's perturbation
+  capped = make(base_optimizer(), rho, normalize=False, adaptive=adaptive, max_perturbation_norm=free_norm / 3)
+  with jax.enable_x64(True):
+    _, state = run_library(capped, jax.tree.map(jnp.asarray, params), x, y, 1, fn)
+  np.testing.assert_allclose(state.perturbation_norm, free_norm / 3, rtol=1e-6)
 
 
 def test_parameters_actually_move():
@@ -330,6 +370,7 @@ def test_missing_grad_fn_is_a_clear_error():
     (dict(rho=-0.1), ValueError, r"rho must lie in \[0.0, inf\], got -0.1"),
     (dict(rho=optax.constant_schedule(0.1)), TypeError, "inject_hyperparams"),
     (dict(eps=-1.0), ValueError, "eps must lie in"),
+    (dict(max_perturbation_norm=-1.0), ValueError, r"max_perturbation_norm must lie in \[0.0, inf\], got -1.0"),
     (dict(normalize=1), TypeError, "normalize must be a bool, got 1"),
     (dict(adaptive="yes"), TypeError, "adaptive must be a bool"),
   ],

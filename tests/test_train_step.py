@@ -60,6 +60,7 @@ def test_metrics_are_the_quantities_they_name():
     "perturbation_grad_norm": g_norm,
     "perturbation_norm": rho * g_norm,
     "grad_norm": np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(g2))),
+    "param_norm": np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(params))),  # w before the update
     "skipped_steps": 0.0,
   }
   assert set(expected) == set(metrics)

@@ -207,6 +207,46 @@ def test_default_run_is_fast_and_accurate(tmp_path):
   seconds = float(summary.split(" in ")[1].split(" s;")[0])
   assert accuracy > 0.9
   assert seconds < 120
+  assert "warning:" not in result.stdout  # the default run does not break down
+
+
+HEALTHY = {"epoch": 3, "avg_ce_loss": 1.0, "train_loss": 1.05, "avg_perturbation": 0.05, "avg_param_norm": 20.0}
+
+
+@pytest.mark.parametrize(
+  "changes, expected",
+  [
+    ({}, None),
+    ({"train_loss": 0.91}, None),  # lower, but within the ratio
+    ({"train_loss": 0.89}, "epoch 4: the training loss at the perturbed weights (0.8900) is below 0.9 x the loss"),
+    ({"avg_perturbation": 1.01}, "epoch 4: the perturbation's norm (1.01) exceeds 0.05 x the weights' norm (20)"),
+    ({"avg_ce_loss": float("nan"), "train_loss": float("nan"), "avg_perturbation": float("nan")}, None),
+    ({"avg_perturbation": 0.0, "train_loss": 1.0}, None),  # SGD
+  ],
+)
+def test_breakdown_warning_reads_the_two_signs_from_the_epoch_row(changes, expected):
+  warning = train.breakdown_warning({**HEALTHY, **changes}, small_config())
+  if expected is None:
+    assert warning is None
+  else:
+    assert warning.startswith(expected) and "--config.max_perturbation_norm" in warning
+  assert (
+    train.breakdown_warning(
+      {**HEALTHY, **changes}, small_config(**dict.fromkeys(("warn_perturbed_loss_ratio", "warn_relative_perturbation")))
+    )
+    is None
+  )
+
+
+def test_a_run_whose_perturbation_is_too_long_is_warned_and_the_cap_silences_it(tmp_path, capsys):
+  # rho 20 stalls the digits run (test accuracy about 0.15 after 2 epochs); the warning comes after epoch 1.
+  train.train_and_evaluate(small_config(rho=20.0, num_epochs=1), str(tmp_path / "free"))
+  assert "warning: epoch 1: the perturbation's norm" in capsys.readouterr().out
+  rows = read_csv(str(tmp_path / "free"))
+  assert float(rows[0]["avg_perturbation"]) > 0.05 * float(rows[0]["avg_param_norm"])
+  train.train_and_evaluate(small_config(rho=20.0, num_epochs=1, max_perturbation_norm=0.1), str(tmp_path / "capped"))
+  assert "warning:" not in capsys.readouterr().out
+  assert float(read_csv(str(tmp_path / "capped"))[0]["avg_perturbation"]) <= 0.1 * (1 + 1e-6)
 
 
 def test_split_on_the_devices_trains_exactly_like_host_batches(tmp_path):
@@ -299,6 +339,24 @@ def test_compare_plans_the_paper_table_with_the_command_line_overrides():
     for d in ("cifar10", "food101")
     for m in ("sgd", "sam", "aace_sam")
   ]
+
+
+def test_compare_plans_variants_of_a_method_and_refuses_a_bad_one():
+  command = [sys.executable, str(REPO / "train" / "compare.py"), "--seeds", "3", "--dry_run"]
+  variants = "sgd,aace_sam:normalize=True:rho=0.05,aace_sam:max_perturbation_norm=1.5"
+  result = subprocess.run([*command, f"--methods={variants}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip().splitlines() == [
+    f"would run {spec} on digits (small_cnn, 30 epochs) x 3 seeds" for spec in variants.split(",")
+  ]
+  for bad, message in [
+    ("aace_sam:no_such_field=1", "the config has no field 'no_such_field'"),
+    ("adam", "'adam' is not one of"),
+    ("sam:rho", "'rho' is not FIELD=VALUE"),
+    ("sam:rho=-1", "rho must lie in"),
+  ]:
+    result = subprocess.run([*command, f"--methods={bad}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 1 and message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
 
 
 def test_compare_runs_the_three_methods(tmp_path):

@@ -1,8 +1,14 @@
-"""SGD vs SAM vs AACE-SAM over several seeds: a markdown table and a plot per dataset.
+"""SGD vs SAM vs AACE-SAM (and variants) over several seeds: a markdown table and a plot per dataset.
 
   python train/compare.py --seeds 5
   python train/compare.py --seeds 3 --config train/configs/default.py --config.num_epochs=10
+  python train/compare.py --seeds 3 --config train/configs/fashion_mnist.py \
+      --methods sgd,sam,aace_sam,aace_sam:normalize=True:rho=0.05
   python train/compare.py --paper wrn28_10 --seeds 3 --config.data_dir=$HOME/tensorflow_datasets
+
+`--methods` lists what to compare: a training method (`sgd`, `sam`,
+`aace_sam`, `asam`), optionally followed by `:FIELD=VALUE` config changes
+that make it a variant (`aace_sam:max_perturbation_norm=1.0`).
 
 With `--paper MODEL` it runs the paper's table: the authors' runs of
 `train/configs/paper.py` (SGD 400 epochs, SAM rho 0.05 normalized, AACE-SAM
@@ -16,8 +22,10 @@ accuracy per epoch to `compare.png`. Seconds per epoch leave out the first
 epoch, which includes compilation.
 """
 
+import ast
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -46,12 +54,45 @@ config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The config every run 
 flags.DEFINE_bool("dry_run", False, "Check the command and the config, print the plan, and exit.")
 flags.DEFINE_enum("paper", None, sorted(paper.MODELS), "Run the authors' recipe for this model on --datasets.")
 flags.DEFINE_list("datasets", list(paper.DATASETS), "With --paper: the datasets of the table.")
+flags.DEFINE_list("methods", list(METHODS), "METHOD[:FIELD=VALUE...] of each row; without --paper only.")
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+  """`"aace_sam:normalize=True:rho=0.05"` -> `("aace_sam", {"normalize": True, "rho": 0.05})`."""
+  method, *changes = spec.split(":")
+  if method not in optimizers.OPTIMIZERS:
+    raise config_checks.ConfigError(f"Bad --methods entry {spec!r}: {method!r} is not one of {optimizers.OPTIMIZERS}.")
+  fields = {}
+  for change in changes:
+    field, equals, text = change.partition("=")
+    if not equals or not field:
+      raise config_checks.ConfigError(f"Bad --methods entry {spec!r}: {change!r} is not FIELD=VALUE.")
+    try:
+      fields[field] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      fields[field] = text
+  return method, fields
+
+
+def method_config(base, spec: str):
+  """`base` with the method and the changes of `--methods` entry `spec`."""
+  method, fields = parse_method(spec)
+  config = base.copy_and_resolve_references()
+  config.unlock()
+  config.optimizer = method
+  for field, value in fields.items():
+    if field not in config:
+      raise config_checks.ConfigError(f"Bad --methods entry {spec!r}: the config has no field {field!r}.")
+    config[field] = value
+  return config
 
 
 def planned_runs(base) -> list[tuple[str, str, object]]:
   """(dataset, method, config) of every method on every dataset, before seeds."""
   if FLAGS.paper is None:
-    return [(base.dataset, method, base) for method in METHODS]
+    return [(base.dataset, spec, method_config(base, spec)) for spec in FLAGS.methods]
+  if FLAGS["methods"].present:
+    raise config_checks.ConfigError("--methods is for a comparison of one config; --paper runs the paper's three.")
   unknown = sorted(set(FLAGS.datasets) - set(paper.DATASETS))
   if unknown:
     raise config_checks.ConfigError(
@@ -71,14 +112,20 @@ def markdown_table(results: dict, config) -> str:
   lines = [
     f"{config.model} on {config.dataset}, {config.num_epochs} epochs, {len(next(iter(results.values())))} seeds",
     "",
-    "| method | rho | test accuracy (mean +- std) | s/epoch |",
-    "| --- | --- | --- | --- |",
+    "| method | rho | test accuracy (mean +- std) | train accuracy at w, last epoch | s/epoch |",
+    "| --- | --- | --- | --- | --- |",
   ]
-  for method, runs in results.items():
+  for spec, runs in results.items():
+    method, fields = parse_method(spec)
     accuracies = np.array([run["val_acc"] for run in runs]) * 100
+    train_accuracies = np.array([run["train_acc"] for run in runs]) * 100
     seconds = np.mean([run["seconds_per_epoch"] for run in runs])
-    rho = "-" if method == "sgd" else optimizers.DEFAULT_RHO[method] if config.rho is None else config.rho
-    lines.append(f"| {method} | {rho} | {accuracies.mean():.2f} +- {accuracies.std():.2f} | {seconds:.2f} |")
+    default_rho = optimizers.DEFAULT_RHO[method] if config.rho is None else config.rho
+    rho = "-" if method == "sgd" else fields.get("rho", default_rho)
+    lines.append(
+      f"| {spec} | {rho} | {accuracies.mean():.2f} +- {accuracies.std():.2f} |"
+      f" {train_accuracies.mean():.2f} +- {train_accuracies.std():.2f} | {seconds:.2f} |"
+    )
   return "\n".join(lines)
 
 
@@ -126,9 +173,9 @@ def main(argv):
       for offset in range(FLAGS.seeds):
         config = base.copy_and_resolve_references()
         config.unlock()
-        config.optimizer = method
         config.seed = base.seed + offset
-        run_dir = os.path.join(workdir, dataset if FLAGS.paper else "", f"{method}-seed{config.seed}")
+        folder = re.sub(r"[^\w.=-]+", "_", method)
+        run_dir = os.path.join(workdir, dataset if FLAGS.paper else "", f"{folder}-seed{config.seed}")
         result = train.train_and_evaluate(config, run_dir)
         rows = workdir_files.RunFiles(run_dir, enabled=False).read()
         walls = [row["wall_time"] for row in rows]

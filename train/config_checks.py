@@ -52,6 +52,14 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
       config.dataset in input_pipeline.DATASETS,
       f"dataset {config.dataset!r} is not one of {sorted(input_pipeline.DATASETS)}",
     ),
+    (
+      config.augment is None or config.augment in input_pipeline.AUGMENTATIONS,
+      f"augment {config.augment!r} is not one of {input_pipeline.AUGMENTATIONS} (or None)",
+    ),
+    (
+      config.train_examples is None or _at_least(config.train_examples, 1),
+      f"train_examples must be >= 1 (or None), got {config.train_examples}",
+    ),
     (config.model in models.MODELS, f"model {config.model!r} is not one of {sorted(models.MODELS)}"),
     (config.dtype in models.DTYPES, f"dtype {config.dtype!r} is not one of {sorted(models.DTYPES)}"),
     (_at_least(config.num_epochs, 1), f"num_epochs must be >= 1, got {config.num_epochs}"),
@@ -86,6 +94,16 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
       f"checkpoint_max_to_keep must be >= 1, got {config.checkpoint_max_to_keep}",
     ),
     (
+      config.warn_perturbed_loss_ratio is None
+      or (_is_number(config.warn_perturbed_loss_ratio) and 0 < config.warn_perturbed_loss_ratio <= 1),
+      f"warn_perturbed_loss_ratio must lie in (0, 1] (or None), got {config.warn_perturbed_loss_ratio}",
+    ),
+    (
+      config.warn_relative_perturbation is None
+      or (_is_number(config.warn_relative_perturbation) and config.warn_relative_perturbation > 0),
+      f"warn_relative_perturbation must be a finite number > 0 (or None), got {config.warn_relative_perturbation}",
+    ),
+    (
       config.halt_after_epochs is None or _at_least(config.halt_after_epochs, 1),
       f"halt_after_epochs must be >= 1 (or None), got {config.halt_after_epochs}",
     ),
@@ -116,6 +134,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
 LIBRARY_ARGUMENTS = {
   "rho": "rho",
   "normalize": "normalize",
+  "max_perturbation_norm": "max_perturbation_norm",
   "threshold": "aace_threshold",
   "mode": "aace_mode",
   "label_smoothing": "label_smoothing",
@@ -144,6 +163,8 @@ def check_with_the_library(config: ml_collections.ConfigDict) -> None:
 # change where the data lives and how often the run reports, not what it computes.
 RESUMABLE_CHANGES = {
   "halt_after_epochs",
+  "warn_perturbed_loss_ratio",
+  "warn_relative_perturbation",
   "log_every_steps",
   "overwrite",
   "data_on_device",

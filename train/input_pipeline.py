@@ -2,7 +2,9 @@
 
 Sources are TFDS array_record datasets, read without TensorFlow through
 `tfds.data_source` (prepared once with `tfds build NAME
---file_format=array_record`), or scikit-learn's bundled digits. A split that
+--file_format=array_record`), MNIST and Fashion-MNIST from their published
+IDX files (`train/idx.py`: no TFDS, no download), or scikit-learn's bundled
+digits. A split that
 fits in memory (`max_in_memory_bytes`) is decoded once, in parallel, into one
 array of images in their stored dtype (uint8; float32 for the digits) and one
 of int32 labels, and may be cached as a `.npz` file keyed by dataset, split,
@@ -34,11 +36,13 @@ import grain
 import numpy as np
 
 import aace_jax
+from train import idx
 
 # Per-channel statistics of the training sets, as the authors' loaders compute them.
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
+MNIST_STATS = ((0.1307,), (0.3081,))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # Part of every cache key: bump it when the decode-time preprocessing changes.
@@ -74,18 +78,22 @@ DATASETS = {
   "cifar10": DatasetSpec(10, (32, 32, 3), *CIFAR10_STATS, "cifar"),
   "cifar100": DatasetSpec(100, (32, 32, 3), *CIFAR100_STATS, "cifar"),
   "fashion_mnist": DatasetSpec(10, (28, 28, 1), *FASHION_MNIST_STATS, "cutout"),
+  "mnist": DatasetSpec(10, (28, 28, 1), *MNIST_STATS, "none"),
   "food101": DatasetSpec(
     101, (32, 32, 3), *IMAGENET_STATS, "flip_cutout", eval_split="validation", resize_to_square=True
   ),
 }
 
 
+AUGMENTATIONS = ("cifar", "cutout", "flip_cutout", "none")
+
+
 class DatasetNotFoundError(FileNotFoundError):
-  """A TFDS dataset is not prepared where the trainer looked."""
+  """A dataset is not where the trainer looked."""
 
 
 class RecordError(ValueError):
-  """A dataset record that cannot be used, named by its split and index."""
+  """A dataset record or file that cannot be used, named by its split and index or by its path."""
 
 
 class DataMismatch(ValueError):
@@ -143,6 +151,50 @@ def tfds_source(name: str, split: str, data_dir: Optional[str]):
       f" --data_dir={data_dir} ; then pass --config.data_dir={data_dir} or set TFDS_DATA_DIR."
       f" ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
     ) from error
+
+
+def idx_sources(name: str, spec: DatasetSpec, files: idx.IdxFiles) -> tuple[ArraySource, ArraySource]:
+  """The train and test splits of an IDX dataset, read and checked whole (`train/idx.py`)."""
+  return tuple(
+    ArraySource(*idx.read_split(*paths, spec.image_shape[:2], spec.num_classes)) for paths in (files.train, files.test)
+  )
+
+
+def open_sources(name: str, spec: DatasetSpec, data_dir: Optional[str]) -> tuple[tuple, str]:
+  """`((train source, eval source), origin)`: where dataset `name` is read from, and that place in words.
+
+  MNIST and Fashion-MNIST come from their four IDX files when `data_dir`
+  holds them (`train/idx.py` lists the layouts), else from a prepared TFDS
+  copy there. With no `data_dir`: a prepared TFDS copy in ``$TFDS_DATA_DIR``
+  or ``~/tensorflow_datasets``, else the IDX files in the first of
+  `idx.search_roots()` that holds them. Every other dataset but the digits is
+  a prepared TFDS dataset.
+  """
+  if name == "digits":
+    return digits_sources(), "scikit-learn's bundled digits"
+
+  def tfds_sources():
+    sources = tuple(tfds_source(name, split, data_dir) for split in (spec.train_split, spec.eval_split))
+    return sources, f"{name} from the TFDS dataset in {os.path.join(resolve_data_dir(data_dir), name)}"
+
+  if name not in idx.LAYOUTS:
+    return tfds_sources()
+  if data_dir:
+    files = idx.find_files(name, data_dir)
+  elif os.path.isdir(os.path.join(resolve_data_dir(None), name)):
+    files = None  # a prepared TFDS copy comes first
+  else:
+    files = idx.find_files(name, None)
+    if files is None:
+      stems = ", ".join(stem for stems in idx.FILE_STEMS.values() for stem in stems)
+      debian = " Debian ships them: apt-get install dataset-fashion-mnist." if name == "fashion_mnist" else ""
+      raise DatasetNotFoundError(
+        f"{name}: neither a prepared TFDS copy nor its four IDX files ({stems}, plain or .gz) are in"
+        f" {', '.join(idx.search_roots())}.{debian} Or pass --config.data_dir=FOLDER."
+      )
+  if files is None:
+    return tfds_sources()
+  return idx_sources(name, spec, files), f"{name} from the IDX files in {files.folder}"
 
 
 def pad_and_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -373,6 +425,7 @@ class Data:
 
   Attributes:
     spec: the dataset's `DatasetSpec`.
+    origin: where the data was read from, in words (the run's first lines say it).
     train, eval: the splits (`Split` in memory, or `StreamedSplit`).
     per_host_batch, per_host_eval_batch: this host's rows of every global batch.
     seed: the run's seed; the epoch's order is a function of `(seed, epoch)`.
@@ -391,6 +444,7 @@ class Data:
   std: tuple
   process_index: int = 0
   process_count: int = 1
+  origin: str = "arrays given by the caller"
 
   @property
   def in_memory(self) -> bool:
@@ -445,6 +499,25 @@ class Data:
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))
 
 
+def balanced_subset(train: Union[Split, StreamedSplit], count: int, num_classes: int, name: str) -> Split:
+  """`count` training examples, as many of each class as can be (a class short of its share gives way to the
+  others), chosen by a fixed permutation: the same subset for every run and seed."""
+  if not isinstance(train, Split):
+    raise DataMismatch(f"train_examples needs the {name!r} training split in memory; it is streamed from disk.")
+  if not 0 < count <= len(train):
+    raise DataMismatch(f"train_examples {count} is not between 1 and the {len(train)} training examples of {name!r}.")
+  order = np.random.default_rng(0).permutation(len(train))
+  labels = train.labels[order]
+  # Each example's rank among the examples of its class, in the permutation's order: taking the lowest
+  # ranks first takes the classes in turn.
+  rank = np.zeros(len(order), np.int64)
+  for label in range(num_classes):
+    members = labels == label
+    rank[members] = np.arange(members.sum())
+  chosen = np.sort(order[np.argsort(rank, kind="stable")[:count]])
+  return Split(train.images[chosen], train.labels[chosen])
+
+
 def channel_statistics(images: np.ndarray) -> tuple[tuple, tuple]:
   """Per-channel mean and std of stored images, on the [0, 1] scale."""
   scale = 255.0 if images.dtype == np.uint8 else 1.0
@@ -465,21 +538,25 @@ def create_data(
   max_in_memory_bytes: float = 32 * 2**30,
   process_index: int = 0,
   process_count: int = 1,
+  train_examples: Optional[int] = None,
+  augment: Optional[str] = None,
 ) -> Data:
   """Opens dataset `name` for this host, decoding what fits in memory. Raises before any training on bad input.
 
   Args:
+    data_dir: where the dataset is (see `open_sources`); None: the usual places.
     cache_dir: where decoded TFDS splits are cached; None caches nothing.
     max_in_memory_bytes: splits larger than this (as uint8) are streamed from disk.
+    train_examples: train on this fixed, class-balanced subset of the training split (None: all of it).
+    augment: the device augmentation (one of `AUGMENTATIONS`) instead of the dataset's own.
   """
   spec = get_spec(name)
+  if augment is not None:
+    spec = dataclasses.replace(spec, augment=augment)
   for what, batch in (("batch_size", global_batch), ("eval_batch_size", global_eval_batch)):
     if batch % process_count:
       raise DataMismatch(f"{what} {batch} is not divisible by the {process_count} processes.")
-  if name == "digits":
-    sources = digits_sources()
-  else:
-    sources = tuple(tfds_source(name, split, data_dir) for split in (spec.train_split, spec.eval_split))
+  sources, origin = open_sources(name, spec, data_dir)
   train, eval_ = (
     open_split(name, spec, source, role, cache_dir=cache_dir, max_in_memory_bytes=max_in_memory_bytes)
     for source, role in zip(sources, ("train", "eval"))
@@ -487,6 +564,9 @@ def create_data(
   for role, split in (("train", train), ("eval", eval_)):
     if len(split) == 0:
       raise RecordError(f"the {role} split of {name!r} is empty.")
+  if train_examples is not None:
+    train = balanced_subset(train, train_examples, spec.num_classes, name)
+    origin += f"; {train_examples} training examples of {len(sources[0])} (a fixed class-balanced subset)"
   if spec.mean is not None:
     mean, std = spec.mean, spec.std
   elif isinstance(train, Split):
@@ -495,6 +575,7 @@ def create_data(
     raise DataMismatch(f"{name!r} has no normalization statistics and is too large to compute them in memory.")
   data = Data(
     spec=spec,
+    origin=origin,
     train=train,
     eval=eval_,
     per_host_batch=global_batch // process_count,

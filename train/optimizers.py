@@ -70,10 +70,12 @@ def create_training_method(config: ml_collections.ConfigDict, steps_per_epoch: i
   aace = functools.partial(aace_jax.aace_cross_entropy, **targets)
   aace_metrics = {"aace_kl": functools.partial(aace_jax.aace_kl_divergence, **targets), "aace_ce": aace}
   loss = functools.partial(aace_jax.cross_entropy, label_smoothing=config.label_smoothing)
-  normalize = {} if config.normalize is None else {"normalize": config.normalize}
+  perturbation = {"max_perturbation_norm": config.max_perturbation_norm}
+  if config.normalize is not None:
+    perturbation["normalize"] = config.normalize
   if config.optimizer == "sgd":
     return TrainingMethod(base, aace, loss, aace_metrics)
   if config.optimizer == "aace_sam":
-    return TrainingMethod(aace_jax.aace_sam(base, rho, **normalize), aace, loss, aace_metrics)
+    return TrainingMethod(aace_jax.aace_sam(base, rho, **perturbation), aace, loss, aace_metrics)
   adaptive = config.optimizer == "asam"
-  return TrainingMethod(aace_jax.sam(base, rho, adaptive=adaptive, **normalize), loss, loss, aace_metrics)
+  return TrainingMethod(aace_jax.sam(base, rho, adaptive=adaptive, **perturbation), loss, loss, aace_metrics)

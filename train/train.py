@@ -39,6 +39,7 @@ from train import augment
 from train import checkpointing
 from train import compilation_cache
 from train import config_checks
+from train import idx
 from train import input_pipeline
 from train import models
 from train import optimizers
@@ -54,6 +55,7 @@ RUN_ERRORS = (
   config_checks.ConfigError,
   input_pipeline.DatasetNotFoundError,
   input_pipeline.RecordError,
+  idx.IdxError,
   input_pipeline.DataMismatch,
   checkpointing.CheckpointError,
   TrainingStopped,
@@ -132,6 +134,7 @@ CSV_FROM_METRICS = {
   "avg_aace_ce": "aace_ce",  # not theirs: the cross-entropy against q, what AACE-SAM differentiates
   "avg_grad_norm": "perturbation_grad_norm",  # their grad_norm: of the gradient the perturbation is built from
   "avg_perturbation": "perturbation_norm",  # their ew_norm: ||w_adv - w||
+  "avg_param_norm": "param_norm",  # not theirs: ||w||, the scale of avg_perturbation
   "train_loss": "perturbed_loss",  # the loss of the pass whose gradient updates the weights (at w_adv)
   "train_acc": "accuracy",  # of the first pass
 }
@@ -266,6 +269,8 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
       max_in_memory_bytes=config.max_in_memory_gb * 2**30,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      train_examples=config.train_examples,
+      augment=config.augment,
     )
   if config.data_on_device and not data.in_memory:
     raise config_checks.ConfigError(
@@ -447,6 +452,45 @@ class EpochLog:
       )
 
 
+def breakdown_warning(row: dict, config: ml_collections.ConfigDict) -> Optional[str]:
+  """A warning when an epoch's row shows a sharpness-aware run breaking down, else None.
+
+  Two signs, each measured where unnormalized AACE-SAM broke down (README,
+  "When AACE-SAM breaks down"):
+
+  - the loss at `w_adv` below `warn_perturbed_loss_ratio` times the loss at
+    `w`: a perturbation raises the training loss (SAM ascends it; AACE moves
+    probability away from the true class), so when it lowers it the updates
+    fit `w_adv` and leave `w` behind, and the loss at `w` climbs;
+  - a perturbation longer than `warn_relative_perturbation` times the
+    weights' norm: SAM's rho 0.05 is a few thousandths of it, and training
+    stalled from a few hundredths on.
+
+  SGD's perturbation is zero and its two losses are one. NaN (an epoch with
+  no applied step) never warns.
+  """
+  at_w, at_w_adv = row["avg_ce_loss"], row["train_loss"]
+  perturbation, weights = row["avg_perturbation"], row["avg_param_norm"]
+  loss_ratio, relative = config.warn_perturbed_loss_ratio, config.warn_relative_perturbation
+  signs = []
+  if loss_ratio is not None and at_w_adv < loss_ratio * at_w:
+    signs.append(
+      f"the training loss at the perturbed weights ({at_w_adv:.4f}) is below {loss_ratio:g} x the loss at the"
+      f" weights ({at_w:.4f}): the steps fit w_adv, not w"
+    )
+  if relative is not None and perturbation > relative * weights:
+    signs.append(
+      f"the perturbation's norm ({perturbation:.4g}) exceeds {relative:g} x the weights' norm ({weights:.4g})"
+    )
+  if not signs:
+    return None
+  return (
+    f"epoch {row['epoch'] + 1}: {'; '.join(signs)}. The run may be breaking down: bound the perturbation"
+    " (--config.max_perturbation_norm, or --config.normalize=True with a radius such as --config.rho=0.05), or"
+    " normalize before the classifier; see the README's 'When AACE-SAM breaks down'."
+  )
+
+
 def compile_train_step_ahead(experiment: Experiment) -> concurrent.futures.Future:
   """Traces and lowers the train step from its arguments' shapes, then compiles it in a thread.
 
@@ -535,6 +579,9 @@ def train_loop(
       checkpoints.save(state, totals, history)
       files.append(last_row)
       log.report(last_row)
+      warning = breakdown_warning(last_row, config)
+      if warning is not None and is_writer:
+        tqdm.write(f"warning: {warning}")
       if stopped_by is not None:
         break
   finally:
@@ -579,6 +626,8 @@ def train_and_evaluate(
   is_writer = jax.process_index() == 0
   with StopSignals() as signals:  # a signal during start-up stops the run after its first step
     experiment = create_experiment(config, data)
+    if is_writer:
+      tqdm.write(f"data: {experiment.data.origin}")
     # Everything that can be wrong with the inputs is known by now: write.
     os.makedirs(workdir, exist_ok=True)
     lock = workdir_files.WorkdirLock(workdir)

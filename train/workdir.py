@@ -23,6 +23,7 @@ CSV_COLUMNS = (
   "avg_aace_ce",
   "avg_grad_norm",
   "avg_perturbation",
+  "avg_param_norm",
   "train_loss",
   "train_acc",
   "val_loss",

@@ -17,8 +17,12 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data.
-  config.dataset = "digits"  # digits | cifar10 | cifar100 | fashion_mnist | food101
-  config.data_dir = config_dict.placeholder(str)  # TFDS data dir; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+  config.dataset = "digits"  # digits | mnist | fashion_mnist | cifar10 | cifar100 | food101
+  # A TFDS data dir, or (mnist, fashion_mnist) a folder with the four IDX files; None: the usual places
+  # ($TFDS_DATA_DIR or ~/tensorflow_datasets, then train/idx.py's search_roots for the IDX files).
+  config.data_dir = config_dict.placeholder(str)
+  config.train_examples = config_dict.placeholder(int)  # None: the whole training split; N: a fixed balanced subset
+  config.augment = config_dict.placeholder(str)  # None: the dataset's own; cifar | cutout | flip_cutout | none
   config.batch_size = 128  # global, over all devices and hosts
   config.eval_batch_size = 512
   config.data_on_device = False  # True: the train split lives on the devices; each step gathers its batch there
@@ -27,15 +31,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.decoded_cache_dir = config_dict.placeholder(str)  # None: <data_dir>/decoded
 
   # Model.
-  config.model = (
-    "small_cnn"  # linear | small_cnn | wrn16_4 | wrn28_10 | wrn28_10_authors | pyramidnet272 | pyramidnet272_bottleneck
-  )
+  # linear | small_cnn | mnist_cnn | mnist_cnn_head_norm | wrn16_4 | wrn28_10 | wrn28_10_authors | pyramidnet272
+  # | pyramidnet272_bottleneck
+  config.model = "small_cnn"
   config.dtype = "float32"  # computation dtype; parameters stay float32
 
   # Method.
   config.optimizer = "aace_sam"  # sgd | sam | aace_sam | asam
   config.rho = config_dict.placeholder(float)  # None: 0.2 aace_sam, 0.05 sam, 0.5 asam
   config.normalize = config_dict.placeholder(bool)  # None: False for aace_sam, True for sam/asam
+  config.max_perturbation_norm = config_dict.placeholder(float)  # None: unbounded (the paper); c: ||w_adv - w|| <= c
   config.sync_perturbation = True  # False: per-device perturbations (m-sharpness)
   config.aace_mode = "ada"  # ada | const | rand
   config.aace_threshold = 0.0
@@ -55,6 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 10
   config.checkpoint_max_to_keep = 3
   config.halt_after_epochs = config_dict.placeholder(int)  # stop this invocation early, resumable
+  # Warn after an epoch whose mean loss at w_adv is below this times the loss at w, or whose perturbation is
+  # longer than this fraction of the weights' norm: signs of a breaking-down run (train.breakdown_warning).
+  config.warn_perturbed_loss_ratio = 0.9  # None: never
+  config.warn_relative_perturbation = 0.05  # None: never
   config.max_consecutive_skips = 10  # stop after this many steps in a row with non-finite gradients
   config.compilation_cache = True  # jax's persistent compilation cache: a resumed run loads its compiled steps
   config.compilation_cache_dir = config_dict.placeholder(str)  # None: ~/.cache/aace_jax/xla ($XDG_CACHE_HOME)
