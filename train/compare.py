@@ -22,7 +22,6 @@ accuracy per epoch to `compare.png`. Seconds per epoch leave out the first
 epoch, which includes compilation.
 """
 
-import ast
 import os
 import pathlib
 import re
@@ -41,6 +40,7 @@ from ml_collections import config_flags  # noqa: E402
 from train import config_checks  # noqa: E402
 from train import optimizers  # noqa: E402
 from train import train  # noqa: E402
+from train import variants  # noqa: E402
 from train import workdir as workdir_files  # noqa: E402
 from train.configs import paper  # noqa: E402
 
@@ -57,40 +57,10 @@ flags.DEFINE_list("datasets", list(paper.DATASETS), "With --paper: the datasets 
 flags.DEFINE_list("methods", list(METHODS), "METHOD[:FIELD=VALUE...] of each row; without --paper only.")
 
 
-def parse_method(spec: str) -> tuple[str, dict]:
-  """`"aace_sam:normalize=True:rho=0.05"` -> `("aace_sam", {"normalize": True, "rho": 0.05})`."""
-  method, *changes = spec.split(":")
-  if method not in optimizers.OPTIMIZERS:
-    raise config_checks.ConfigError(f"Bad --methods entry {spec!r}: {method!r} is not one of {optimizers.OPTIMIZERS}.")
-  fields = {}
-  for change in changes:
-    field, equals, text = change.partition("=")
-    if not equals or not field:
-      raise config_checks.ConfigError(f"Bad --methods entry {spec!r}: {change!r} is not FIELD=VALUE.")
-    try:
-      fields[field] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      fields[field] = text
-  return method, fields
-
-
-def method_config(base, spec: str):
-  """`base` with the method and the changes of `--methods` entry `spec`."""
-  method, fields = parse_method(spec)
-  config = base.copy_and_resolve_references()
-  config.unlock()
-  config.optimizer = method
-  for field, value in fields.items():
-    if field not in config:
-      raise config_checks.ConfigError(f"Bad --methods entry {spec!r}: the config has no field {field!r}.")
-    config[field] = value
-  return config
-
-
 def planned_runs(base) -> list[tuple[str, str, object]]:
   """(dataset, method, config) of every method on every dataset, before seeds."""
   if FLAGS.paper is None:
-    return [(base.dataset, spec, method_config(base, spec)) for spec in FLAGS.methods]
+    return [(base.dataset, spec, variants.method_config(base, spec)) for spec in FLAGS.methods]
   if FLAGS["methods"].present:
     raise config_checks.ConfigError("--methods is for a comparison of one config; --paper runs the paper's three.")
   unknown = sorted(set(FLAGS.datasets) - set(paper.DATASETS))
@@ -116,7 +86,7 @@ def markdown_table(results: dict, config) -> str:
     "| --- | --- | --- | --- | --- |",
   ]
   for spec, runs in results.items():
-    method, fields = parse_method(spec)
+    method, fields = variants.parse_method(spec)
     accuracies = np.array([run["val_acc"] for run in runs]) * 100
     train_accuracies = np.array([run["train_acc"] for run in runs]) * 100
     seconds = np.mean([run["seconds_per_epoch"] for run in runs])
