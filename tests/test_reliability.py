@@ -12,6 +12,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
+import warnings
 
 import orbax.checkpoint as ocp
 import pytest
@@ -162,6 +164,47 @@ def test_a_second_run_on_a_held_workdir_is_refused_and_a_stale_lock_is_taken(tmp
   assert again["finished"] and not (workdir / "lock").exists()
 
 
+CONTEND = textwrap.dedent("""
+  import os, sys, time
+  sys.path.insert(0, {repo!r})
+  from train import workdir
+  workdir_path, go = sys.argv[1], sys.argv[2]
+  lock = workdir.WorkdirLock(workdir_path)
+  while not os.path.exists(go):  # released together
+    time.sleep(0.0005)
+  try:
+    lock.acquire()
+  except workdir.WorkdirBusy:
+    print("busy")
+  except Exception as error:
+    print(type(error).__name__, error)
+  else:
+    print("held", flush=True)
+    time.sleep(0.3)  # held while the others try
+    lock.release()
+""").format(repo=str(REPO))
+
+
+def test_simultaneous_takeovers_of_a_stale_lock_leave_exactly_one_holder(tmp_path):
+  contenders = 8
+  for trial in range(20):
+    workdir = tmp_path / str(trial)
+    workdir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (workdir / "lock").write_text(f'{{"host": "{os.uname().nodename}", "pid": {dead.pid}}}')
+    go = tmp_path / f"go{trial}"
+    processes = [
+      subprocess.Popen([sys.executable, "-c", CONTEND, str(workdir), str(go)], stdout=subprocess.PIPE, text=True)
+      for _ in range(contenders)
+    ]
+    time.sleep(0.5)  # every contender waiting
+    go.touch()
+    outcomes = sorted(process.communicate(timeout=60)[0].strip() for process in processes)
+    assert outcomes == ["busy"] * (contenders - 1) + ["held"], (trial, outcomes)
+    assert not (workdir / "lock").exists()
+
+
 @pytest.mark.parametrize(
   "flag, message",
   [
@@ -173,6 +216,9 @@ def test_a_second_run_on_a_held_workdir_is_refused_and_a_stale_lock_is_taken(tmp
     ("--config.weight_decay=nan", "weight_decay must be a finite number >= 0, got nan"),
     ("--config.momentum=nan", "momentum must lie in [0, 1), got nan"),
     ("--config.num_epoch=3", 'Did you mean "num_epochs" instead of "num_epoch"?'),
+    ("--config.seed=-1", "seed must be an integer in [0, 2**63 - 1], got -1"),
+    ("--config.seed=18446744073709551616", "seed must be an integer in [0, 2**63 - 1], got 18446744073709551616"),
+    ("--config.num_epochs=2147483648", "num_epochs must be at most 2147483647 (2**31 - 1), got 2147483648"),
   ],
 )
 def test_bad_values_fail_in_one_line_before_anything_is_written(tmp_path, flag, message):
@@ -300,3 +346,38 @@ def test_a_checkpoint_at_an_epochs_end_without_its_row_is_evaluated_on_resume(mo
   assert rows[0]["images_per_sec"] == "nan"  # evaluated only: no step timed
   assert_same_history_rows(straight, resumed, range(2))
   assert_same_checkpoint(straight, resumed)
+
+
+def bom(text):
+  return "\ufeff" + text
+
+
+@pytest.mark.parametrize(
+  "edit, keeps_timing, set_aside",
+  [
+    (lambda text: bom(text), True, False),  # saved again by a spreadsheet
+    (lambda text: text.replace(",", ";"), True, False),  # another delimiter
+    (lambda text: "\n".join(line.split(",", 1)[1] for line in text.splitlines()), False, True),  # no epoch column
+    (lambda text: "\n".join(text.splitlines()[1:]), False, True),  # no header
+    (lambda text: b"\x00\xff\xfe junk\x80", False, True),  # binary junk
+  ],
+)
+def test_a_metrics_csv_edited_by_hand_does_not_block_the_resume(tmp_path, edit, keeps_timing, set_aside):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(small_config(halt_after_epochs=1), str(workdir))
+  csv_path = workdir / "metrics.csv"
+  original = read_rows(workdir)
+  edited = edit(csv_path.read_text())
+  csv_path.write_bytes(edited if isinstance(edited, bytes) else edited.encode())
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    result = train.train_and_evaluate(small_config(), str(workdir))
+  assert result["finished"]
+  rows = read_rows(workdir)
+  assert [r["epoch"] for r in rows] == ["0", "1"]
+  for column in checkpointing.HISTORY_COLUMNS:
+    assert float(rows[0][column]) == pytest.approx(float(original[0][column]), rel=1e-6, nan_ok=True), column
+  assert (rows[0]["wall_time"] == original[0]["wall_time"]) == keeps_timing
+  kept = list(workdir.glob("metrics.csv.unreadable-*"))
+  assert len(kept) == set_aside
+  assert any("cannot be read" in str(w.message) for w in caught) == set_aside

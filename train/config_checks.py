@@ -35,6 +35,23 @@ def _at_least(value, low) -> bool:
   return _is_number(value) and value >= low
 
 
+# Counts the trainer keeps in int32 (the step counter, the epoch, sizes that multiply into it).
+INT32_FIELDS = (
+  "batch_size",
+  "eval_batch_size",
+  "num_epochs",
+  "grad_accum_steps",
+  "log_every_steps",
+  "checkpoint_max_to_keep",
+  "halt_after_epochs",
+  "max_consecutive_skips",
+  "train_examples",
+)
+INT32_MAX = 2**31 - 1
+# NumPy's generators take seeds >= 0, jax.random.key seeds that fit in int64.
+SEED_RANGE = (0, 2**63 - 1)
+
+
 def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] = -1) -> None:
   """Raises `ConfigError` naming the first bad field and its value.
 
@@ -44,6 +61,17 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
   if device_count == -1:
     device_count = jax.device_count()
   checks = [
+    (
+      isinstance(config.seed, int) and SEED_RANGE[0] <= config.seed <= SEED_RANGE[1],
+      f"seed must be an integer in [0, 2**63 - 1], got {config.seed}",
+    ),
+    *(
+      (
+        config[field] is None or config[field] <= INT32_MAX,
+        f"{field} must be at most {INT32_MAX} (2**31 - 1), got {config[field]}",
+      )
+      for field in INT32_FIELDS
+    ),
     (
       config.optimizer in optimizers.OPTIMIZERS,
       f"optimizer {config.optimizer!r} is not one of {optimizers.OPTIMIZERS}",

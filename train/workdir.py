@@ -8,12 +8,15 @@ say) is a warning, not a crash.
 """
 
 import csv
+import fcntl
 import io
 import json
 import os
 import shutil
 import socket
+import time
 import warnings
+from typing import Optional
 
 CSV_COLUMNS = (
   "epoch",
@@ -38,28 +41,24 @@ class WorkdirBusy(RuntimeError):
   """Another live run holds the workdir."""
 
 
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # alive, another user's
-    return True
-  return True
-
-
 class WorkdirLock:
-  """One run per workdir: `workdir/lock` names the holder's host and pid.
+  """One run per workdir: an exclusive `flock` on `workdir/lock`, which names the holder's host and pid.
 
-  The lock file appears whole or not at all (written aside, then hard-linked
-  into place, which fails if it exists). A lock whose pid is dead on this host
-  is stale, left by a killed run, and is taken over.
+  The kernel holds the lock for the process and drops it when the process
+  dies, however it dies: a lock file left by a killed run is simply locked
+  again, and two runs can never both hold it. The file is removed on release
+  while still locked; a process that locked a file since removed (or
+  replaced) finds it no longer at the path and tries again.
   """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "lock")
     self.holder = {"host": socket.gethostname(), "pid": os.getpid()}
-    self.held = False
+    self.fd: Optional[int] = None
+
+  @property
+  def held(self) -> bool:
+    return self.fd is not None
 
   def read(self) -> dict:
     try:
@@ -69,32 +68,48 @@ class WorkdirLock:
       return {}
 
   def acquire(self) -> None:
-    aside = f"{self.path}.{self.holder['pid']}"
-    with open(aside, "w") as f:
-      json.dump(self.holder, f)
-    try:
-      for _ in range(2):
-        try:
-          os.link(aside, self.path)
-          self.held = True
-          return
-        except FileExistsError:
-          holder = self.read()
-          if holder.get("host") == self.holder["host"] and not _pid_alive(int(holder.get("pid", -1))):
-            os.remove(self.path)  # stale: its run was killed
-            continue
-          raise WorkdirBusy(
-            f"{os.path.dirname(self.path)} is in use by pid {holder.get('pid', '?')} on host"
-            f" {holder.get('host', '?')} ({self.path}); wait for that run, or use another --workdir"
-          ) from None
-      raise WorkdirBusy(f"could not take {self.path}")
-    finally:
-      os.remove(aside)
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        os.close(fd)
+        holder = self.read()
+        raise WorkdirBusy(
+          f"{os.path.dirname(self.path)} is in use by pid {holder.get('pid', '?')} on host"
+          f" {holder.get('host', '?')} ({self.path}); wait for that run, or use another --workdir"
+        ) from None
+      except BaseException:
+        os.close(fd)
+        raise
+      try:
+        same_file = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+      except FileNotFoundError:
+        same_file = False
+      if not same_file:  # its holder released (removed) it between our open and our lock
+        os.close(fd)
+        continue
+      try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(self.holder).encode())
+        os.fsync(fd)
+      except BaseException:
+        os.close(fd)
+        raise
+      self.fd = fd
+      return
 
   def release(self) -> None:
-    if self.held and self.read() == self.holder:
+    """Removes and unlocks the file; never raises (an error it met is the caller's to report, not this)."""
+    if self.fd is None:
+      return
+    try:
       os.remove(self.path)
-    self.held = False
+    except OSError:
+      pass  # a file left behind is locked by no one: the next run takes it
+    finally:
+      os.close(self.fd)
+      self.fd = None
 
   def __enter__(self):
     self.acquire()
@@ -129,6 +144,13 @@ def clear_run(workdir: str) -> None:
     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
 
 
+def _number(text) -> float:
+  try:
+    return float(text)
+  except (TypeError, ValueError):
+    return float("nan")
+
+
 class RunFiles:
   """metrics.csv, TensorBoard events and plots; a no-op on processes other than 0."""
 
@@ -145,17 +167,48 @@ class RunFiles:
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def read(self) -> list[dict]:
-    """The CSV's rows as they are on disk (a killed write may have left a partial last line)."""
+    """The CSV's rows as they are on disk, read leniently: only their timing matters (the checkpoint holds the
+    rest).
+
+    A file saved again by hand (a byte-order mark, another delimiter, extra or
+    reordered columns) is read; a killed write's partial last line ends it;
+    a value that is not a number is NaN. A file with no epoch column, or not
+    text, cannot give any row: it is set aside under a new name, with a
+    warning, and the resumed run rebuilds the CSV from its checkpoint.
+    """
     if not os.path.exists(self.csv_path):
       return []
+    try:
+      with open(self.csv_path, newline="", encoding="utf-8-sig") as f:
+        text = f.read()
+      try:
+        dialect = csv.Sniffer().sniff(text.split("\n", 1)[0], delimiters=",;\t")
+      except csv.Error:
+        dialect = csv.excel
+      reader = csv.DictReader(io.StringIO(text), dialect=dialect)
+      table = list(reader)
+    except (UnicodeDecodeError, csv.Error) as error:
+      return self._set_aside(f"{type(error).__name__}: {error}")
+    if text.strip() and "epoch" not in (reader.fieldnames or ()):
+      return self._set_aside("it has no epoch column")
     rows = []
-    with open(self.csv_path, newline="") as f:
-      for row in csv.DictReader(f):
-        try:
-          rows.append({k: int(v) if k == "epoch" else float(v) for k, v in row.items()})
-        except (TypeError, ValueError):
-          break
+    for row in table:
+      try:
+        epoch = int(row["epoch"])
+      except (TypeError, ValueError):
+        break
+      rows.append({"epoch": epoch, **{column: _number(row.get(column)) for column in CSV_COLUMNS[1:]}})
     return rows
+
+  def _set_aside(self, why: str) -> list[dict]:
+    if self.enabled:
+      aside = f"{self.csv_path}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}"
+      os.replace(self.csv_path, aside)
+      warnings.warn(
+        f"{self.csv_path} cannot be read ({why}); kept as {aside}, rebuilt from the checkpoint",
+        stacklevel=3,
+      )
+    return []
 
   def restore(self, rows: list[dict]) -> None:
     """Makes the CSV hold exactly `rows`, the epochs the resumed checkpoint covers."""
