@@ -381,3 +381,31 @@ def test_a_metrics_csv_edited_by_hand_does_not_block_the_resume(tmp_path, edit, 
   kept = list(workdir.glob("metrics.csv.unreadable-*"))
   assert len(kept) == set_aside
   assert any("cannot be read" in str(w.message) for w in caught) == set_aside
+
+
+@pytest.mark.parametrize(
+  "source, message",
+  [
+    ("def get_config():\n  raise RuntimeError('no such recipe')\n", "{path}, line 2: RuntimeError: no such recipe"),
+    ("def get_config(:\n  pass\n", "{path}, line 1: SyntaxError: invalid syntax"),
+    ("import no_such_module\n", "{path}, line 1: ModuleNotFoundError: No module named 'no_such_module'"),
+    (
+      "from train.configs import default\n\ndef get_config():\n  config = default.get_config()\n"
+      "  del config['compilation_cache'], config['seed']\n  return config\n",
+      "Bad config: it lacks the fields compilation_cache, seed; a config starts from train/configs/default.py",
+    ),
+    (None, "{path} does not exist"),
+  ],
+)
+def test_a_config_file_that_fails_is_one_line_naming_it(tmp_path, source, message):
+  path = tmp_path / "my_config.py"
+  if source is not None:
+    path.write_text(source)
+  workdir = tmp_path / "run"
+  command = [sys.executable, str(REPO / "train" / "main.py"), "--config", str(path), "--workdir", str(workdir)]
+  result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=120, cwd=REPO)
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+  expected = message.format(path=f"config file {path}")
+  assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+  assert not workdir.exists()

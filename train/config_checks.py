@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import traceback
 from typing import Optional
 
 import jax
@@ -33,6 +34,34 @@ def _is_number(value) -> bool:
 
 def _at_least(value, low) -> bool:
   return _is_number(value) and value >= low
+
+
+def config_file_error(error: BaseException, path: str) -> str:
+  """One line for `error`, raised while loading the config file `path`: the file, the line and the cause."""
+  while isinstance(error, OSError) and error.__cause__ is not None:  # ml_collections wraps the first failure
+    error = error.__cause__
+  if isinstance(error, SyntaxError) and error.filename:
+    return f"config file {error.filename}, line {error.lineno}: SyntaxError: {error.msg}"
+  here = os.path.abspath(path.split(":", 1)[0])
+  if not os.path.isfile(here):
+    return f"config file {here} does not exist"
+  frames = traceback.extract_tb(error.__traceback__)
+  lines = [frame.lineno for frame in frames if os.path.abspath(frame.filename) == here]
+  where = f"config file {here}" + (f", line {lines[-1]}" if lines else "")
+  message = " ".join(str(error).split())  # ml_collections' messages span several lines
+  return f"{where}: {type(error).__name__}: {message}"
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises `ConfigError` naming the fields of `train/configs/default.py` that `config` lacks."""
+  from train.configs import default
+
+  missing = sorted(set(default.get_config()) - set(config))
+  if missing:
+    raise ConfigError(
+      f"Bad config: it lacks the fields {', '.join(missing)}; a config starts from train/configs/default.py"
+      " (config = default.get_config()) and changes only what differs."
+    )
 
 
 # Counts the trainer keeps in int32 (the step counter, the epoch, sizes that multiply into it).
@@ -58,6 +87,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
   Batch sizes are checked against `device_count` (default: this machine's
   devices; None skips that check, for a command checked on another machine).
   """
+  check_fields(config)
   if device_count == -1:
     device_count = jax.device_count()
   checks = [

@@ -11,6 +11,7 @@ import pathlib
 import re
 import sys
 import time
+import traceback
 
 if __package__ in (None, ""):  # run as a script: make `train` and `aace_jax` importable
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
@@ -55,7 +56,13 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the progress output
-  config = FLAGS.config
+  try:
+    config = FLAGS.config
+    config_checks.check_fields(config)  # also makes ml_collections report a file it could not load
+  except config_checks.ConfigError as error:
+    sys.exit(f"error: {error}")
+  except Exception as error:  # whatever the config file raised
+    sys.exit(f"error: {config_checks.config_file_error(error, config_path(sys.argv))}")
   if FLAGS.dry_run:
     try:
       config_checks.check_config(config, device_count=None)
@@ -102,13 +109,28 @@ def main(argv):
     )
 
 
+def config_path(argv) -> str:
+  """The `--config` file named in `argv` (the default config when none is)."""
+  for index, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and index + 1 < len(argv):
+      return argv[index + 1]
+  return DEFAULT_CONFIG
+
+
 def parse_flags(argv):
-  """absl's flag parsing, with a bad flag or config field (a typo, say) reported in one line."""
+  """absl's flag parsing, with a bad flag, config field (a typo, say) or config file reported in one line."""
   try:
     return FLAGS(argv)
   except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as error:
+    config_file = os.path.abspath(config_path(argv).split(":", 1)[0])
+    if not isinstance(error, flags.Error) and config_file in "".join(traceback.format_tb(error.__traceback__)):
+      sys.exit(f"error: {config_checks.config_file_error(error, config_path(argv))}")
     message = str(error).strip().splitlines()
     sys.exit(f"error: {message[-1] if message else type(error).__name__}")
+  except Exception as error:  # raised by the config file itself: a syntax error, an exception in get_config
+    sys.exit(f"error: {config_checks.config_file_error(error, config_path(argv))}")
 
 
 if __name__ == "__main__":
