@@ -409,3 +409,22 @@ def test_a_config_file_that_fails_is_one_line_naming_it(tmp_path, source, messag
   expected = message.format(path=f"config file {path}")
   assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
   assert not workdir.exists()
+
+
+def test_ctrl_c_pressed_again_while_the_checkpoint_is_written_still_exits_cleanly(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+    main_command(workdir, "--config.num_epochs=30"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+  )
+  for line in proc.stdout:
+    if line.startswith("epoch 1/30"):
+      break
+  for _ in range(5):  # an impatient user, still pressing while the process shuts down
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.4)
+  output, errors = proc.communicate(timeout=120)
+  assert proc.returncode == 0, errors[-3000:]
+  assert "stopped by SIGINT at step" in output and "checkpoint written" in output
+  assert "Traceback" not in errors and "KeyboardInterrupt" not in errors
+  step, _ = latest_checkpoint(str(workdir))
+  assert step > 0

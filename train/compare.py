@@ -147,6 +147,9 @@ def main(argv):
         folder = re.sub(r"[^\w.=-]+", "_", method)
         run_dir = os.path.join(workdir, dataset if FLAGS.paper else "", f"{folder}-seed{config.seed}")
         result = train.train_and_evaluate(config, run_dir)
+        if result["stopped_by"] in train.SIGNAL_STOPS and not result["finished"]:
+          train.ignore_stop_signals()
+          sys.exit(f"stopped by {result['stopped_by']} in {run_dir}; rerun the same command to resume the comparison.")
         rows = workdir_files.RunFiles(run_dir, enabled=False).read()
         walls = [row["wall_time"] for row in rows]
         # After the first epoch, which includes compilation.

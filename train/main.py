@@ -94,7 +94,8 @@ def main(argv):
   if jax.process_index() != 0:
     return
   where = f"workdir {os.path.abspath(workdir)}"
-  if result["stopped_by"] in ("SIGTERM", "SIGINT", "SIGINT on another host") and not result["finished"]:
+  if result["stopped_by"] in train.SIGNAL_STOPS and not result["finished"]:
+    train.ignore_stop_signals()
     print(
       f"stopped by {result['stopped_by']} at step {result['step']}, checkpoint written;"
       f" rerun the same command to resume. {where}"

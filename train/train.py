@@ -63,6 +63,22 @@ RUN_ERRORS = (
 )
 
 
+# `stopped_by` of a run that a signal stopped.
+SIGNAL_STOPS = ("SIGTERM", "SIGINT", "SIGINT on another host")
+
+
+def ignore_stop_signals() -> None:
+  """For a process ending after a stop: SIGINT and SIGTERM are ignored until it exits.
+
+  Python's own handlers are taken down while the interpreter shuts down
+  (JAX's teardown takes a second or more), and a Ctrl-C pressed again then
+  would kill the process with the signal's status although its checkpoint is
+  written.
+  """
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_IGN)
+
+
 class StopSignals:
   """SIGTERM and SIGINT become a request to stop after the current step, the same step on every host.
 
@@ -72,6 +88,10 @@ class StopSignals:
   `reached_preemption_sync_point` each step and all stop at the step it
   names. SIGINT, which that service does not watch, is compared across
   hosts at log points.
+
+  Once a signal has asked for a stop, the handlers stay in place after the
+  block: further signals (a user pressing Ctrl-C again while the checkpoint
+  is written) are absorbed, and the process ends as the stop intended.
   """
 
   def __init__(self):
@@ -89,6 +109,8 @@ class StopSignals:
     self.received = signal.Signals(signum).name
 
   def __exit__(self, *exc):
+    if self.received is not None:
+      return  # stopping: keep absorbing signals until the process ends
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
