@@ -146,7 +146,17 @@ def _same_shapes(tree, params) -> bool:
 
 def _call_grad_fn(owner: str, grad_fn: GradFn, perturbed_params) -> tuple[jax.Array, optax.Updates]:
   """`grad_fn(w_adv)` as `(loss or NaN, gradients)`, whichever of jax's forms it returns."""
-  result = grad_fn(perturbed_params)
+  try:
+    result = grad_fn(perturbed_params)
+  except TypeError as error:
+    if type(perturbed_params).__module__.startswith("flax.nnx"):  # nnx.Optimizer hands the parameters as a State
+      raise TypeError(
+        f"{owner}: grad_fn is called with the perturbed parameters, here an nnx.State, and failed with"
+        f" {type(error).__name__}: {error}. grad_fn must map parameters to gradients, not take a module;"
+        " for an NNX model, aace_jax.nnx_sharpness_aware_grads(model, perturbation_loss_fn, loss_fn) gives"
+        " the first-pass gradient and a grad_fn of that kind, for nnx.Optimizer.update(model, grads, grad_fn=...)."
+      ) from error
+    raise
   missing = jnp.full([], jnp.nan, jnp.float32)
   if _same_shapes(result, perturbed_params):
     return missing, result
@@ -219,7 +229,9 @@ def _sharpness_aware(
     if grad_fn is None:
       raise TypeError(
         f"{owner}.update needs grad_fn=, a function mapping parameters to the"
-        " gradients of the training loss; it is called at the perturbed parameters."
+        " gradients of the training loss; it is called at the perturbed parameters. A wrapper"
+        f" that does not pass extra arguments on drops it: optax.lookahead around {owner} is not"
+        " supported (optax.with_extra_args_support(optax.lookahead(...)) drops grad_fn)."
       )
     if params is None:
       raise ValueError(f"{owner}.update needs params: the perturbation is applied to them.")

@@ -184,3 +184,13 @@ def test_eval_mode_uses_running_statistics_and_no_dropout():
   model.eval()
   np.testing.assert_allclose(logits, model(images), rtol=1e-6)
   assert same_state is model_state
+
+
+def test_a_grad_fn_written_for_a_module_is_told_what_to_take():
+  batch = make_batch()
+  _, _, model = linen_and_nnx_with_the_same_weights()
+  optimizer = nnx.Optimizer(model, sam_tx(), wrt=nnx.Param)
+  grads = nnx.grad(lambda m: aace_jax.aace_cross_entropy(m(batch["image"]), batch["label"]).mean())(model)
+  module_style = nnx.grad(lambda m: aace_jax.cross_entropy(m(batch["image"]), batch["label"]).mean())
+  with pytest.raises(TypeError, match=r"here an nnx.State.*not take a module.*nnx_sharpness_aware_grads"):
+    optimizer.update(model, grads, grad_fn=module_style)

@@ -384,3 +384,37 @@ def test_bad_arguments(make, kwargs, error, match):
 def test_optimizer_must_be_a_transformation():
   with pytest.raises(TypeError, match="optax.GradientTransformation, got 0.1"):
     aace_jax.aace_sam(0.1)
+
+
+def test_schedule_free_around_aace_sam_takes_the_sharpness_aware_gradient_at_y():
+  params, x, y = make_mlp_problem()
+  params = jax.tree.map(jnp.asarray, params)
+  mean_loss = lambda w, fn: fn(jax_mlp(w, x), y).mean()
+  rho, lr = 0.2, 0.05
+  wrapped = optax.contrib.schedule_free(aace_jax.aace_sam(optax.sgd(lr), rho), lr)
+  plain = optax.contrib.schedule_free(optax.sgd(lr), lr)
+  wrapped_state, plain_state = wrapped.init(params), plain.init(params)
+  for _ in range(3):
+    g = jax.grad(mean_loss)(params, aace_jax.aace_cross_entropy)
+    updates, wrapped_state = wrapped.update(
+      g, wrapped_state, params, grad_fn=jax.grad(lambda w: mean_loss(w, aace_jax.cross_entropy))
+    )
+    # By hand: perturb y (the parameters schedule-free evaluates), take the gradient there, feed plain SGD.
+    g_adv = jax.grad(mean_loss)(jax.tree.map(lambda w, gi: w - rho * gi, params, g), aace_jax.cross_entropy)
+    expected, plain_state = plain.update(g_adv, plain_state, params)
+    for k in params:
+      np.testing.assert_allclose(updates[k], expected[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    params = optax.apply_updates(params, updates)
+
+
+def test_lookahead_around_aace_sam_is_refused_with_a_pointer():
+  w = jnp.ones(3)
+  grad_fn = jax.grad(lambda v: jnp.sum(v**2))
+  tx = optax.with_extra_args_support(optax.lookahead(aace_jax.aace_sam(optax.sgd(0.1)), 2, 0.5))
+  params = optax.LookaheadParams.init_synced(w)
+  with pytest.raises(TypeError, match=r"optax.lookahead around aace_sam is not supported"):
+    tx.update(optax.LookaheadParams(w, w), tx.init(params), params, grad_fn=grad_fn)
+  with pytest.raises(TypeError, match="grad_fn"):  # optax's own refusal: lookahead passes no extra arguments
+    optax.lookahead(aace_jax.aace_sam(optax.sgd(0.1)), 2, 0.5).update(
+      optax.LookaheadParams(w, w), tx.init(params), params, grad_fn=grad_fn
+    )
