@@ -8,6 +8,8 @@ with an uninterrupted run.
 import csv
 import os
 import pathlib
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -428,3 +430,37 @@ def test_ctrl_c_pressed_again_while_the_checkpoint_is_written_still_exits_cleanl
   assert "Traceback" not in errors and "KeyboardInterrupt" not in errors
   step, _ = latest_checkpoint(str(workdir))
   assert step > 0
+
+
+def without_file_permission_override(command: list) -> list:
+  """`command` run as this user without the capabilities that let root read any file (CI runs as root),
+  or a skip where they cannot be dropped."""
+  if os.geteuid() != 0:
+    return command
+  if shutil.which("capsh") is None:
+    pytest.skip("needs capsh (libcap2-bin) to drop root's file-permission override")
+  shell = " ".join(shlex.quote(str(part)) for part in command)
+  return ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shell]
+
+
+@pytest.mark.parametrize("unreadable", ["step_folder", "file_inside"])
+def test_a_checkpoint_unreadable_for_its_permissions_is_kept_and_named(tmp_path, unreadable):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(small_config(num_epochs=3, halt_after_epochs=2), str(workdir))
+  newest = max((workdir / "checkpoints").iterdir(), key=lambda p: int(p.name))
+  target = newest if unreadable == "step_folder" else newest / "default" / "_METADATA"
+  target.chmod(0)
+  try:
+    command = [sys.executable, str(REPO / "train" / "main.py"), "--workdir", str(workdir)]
+    command += ["--config.num_epochs=3", "--config.batch_size=64", "--config.eval_batch_size=128"]
+    command += ["--config.log_every_steps=5", "--config.compilation_cache=False"]
+    result = subprocess.run(without_file_permission_override(command), capture_output=True, text=True, env=ENV)
+  finally:
+    target.chmod(0o755 if target.is_dir() else 0o644)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+    f"error: the checkpoint of step {newest.name} cannot be read: permission denied on {target}. It is kept,"
+    " and so is every other; fix the permissions and rerun."
+  )
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["22", "44"]
+  assert [int(r["epoch"]) for r in read_rows(workdir)] == [0, 1]

@@ -12,7 +12,9 @@ asynchronously; only a finite state is ever saved, and a restored one that is
 not finite, unreadable or inconsistent is skipped for the previous one.
 """
 
+import os
 import warnings
+from typing import Optional
 
 import jax
 import numpy as np
@@ -62,6 +64,24 @@ def is_finite(tree) -> bool:
     for x in jax.tree.leaves(tree)
     if np.issubdtype(np.asarray(x).dtype, np.inexact)
   )
+
+
+def first_unreadable(path: str) -> Optional[str]:
+  """The first file or folder under `path` that this process may not open or list, or None."""
+  try:
+    if os.path.isdir(path):
+      for name in sorted(os.listdir(path)):
+        found = first_unreadable(os.path.join(path, name))
+        if found is not None:
+          return found
+    else:
+      with open(path, "rb"):
+        pass
+  except PermissionError:
+    return path
+  except FileNotFoundError:  # a missing file is damage, not a permission
+    return None
+  return None
 
 
 def _to_tree(state: aace_jax.TrainState, totals: dict, history: np.ndarray) -> dict:
@@ -118,7 +138,9 @@ class Checkpoints:
     `state_shapes` holds `jax.ShapeDtypeStruct`s with the shardings to restore
     into, `totals` and `history` are templates of the same kind. A damaged
     checkpoint is skipped with a warning and deleted once an older one is
-    read, so the resumed run can write its step again.
+    read, so the resumed run can write its step again; one that only cannot
+    be read for its permissions is not damaged: nothing is deleted, and the
+    run stops naming the path.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     if not steps:
@@ -140,6 +162,12 @@ class Checkpoints:
       try:
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(target))
       except Exception as error:  # orbax raises many types for damaged files
+        blocked = first_unreadable(os.path.join(self.directory, str(step)))
+        if blocked is not None:  # not damage: nothing is set aside or deleted
+          raise CheckpointError(
+            f"the checkpoint of step {step} cannot be read: permission denied on {blocked}. It is kept, and so is"
+            " every other; fix the permissions and rerun."
+          ) from error
         failures.append(f"step {step}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
       else:
         if int(restored["step"]) != step:
