@@ -284,7 +284,7 @@ def test_failed_checkpoint_write_says_what_was_saved_last(monkeypatch, tmp_path)
   with pytest.raises(
     checkpointing.CheckpointError,
     match=(
-      r"writing the checkpoint of step 44 in .* failed \(OSError: \[Errno 28\] No space left on device\);"
+      r"writing a checkpoint \(at step 44 or before\) in .* failed \(OSError: \[Errno 28\] No space left on device\);"
       r" the last checkpoint written whole is step 22\."
     ),
   ):
@@ -464,3 +464,32 @@ def test_a_checkpoint_unreadable_for_its_permissions_is_kept_and_named(tmp_path,
   )
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["22", "44"]
   assert [int(r["epoch"]) for r in read_rows(workdir)] == [0, 1]
+
+
+def test_a_workdir_made_read_only_mid_run_is_one_short_error_and_no_hang(tmp_path):
+  workdir = tmp_path / "run"
+  command = [*main_command(workdir), "--config.num_epochs=40"]
+  proc = subprocess.Popen(
+    without_file_permission_override(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+  )
+  for line in proc.stdout:
+    if line.startswith("epoch 2/40"):
+      break
+  for folder, subfolders, _ in os.walk(workdir):
+    for name in subfolders:
+      os.chmod(os.path.join(folder, name), 0o555)
+  workdir.chmod(0o555)
+  try:
+    _, errors = proc.communicate(timeout=120)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    pytest.fail("the run hung after the failed write")
+  finally:
+    for folder, _, _ in os.walk(workdir):
+      os.chmod(folder, 0o755)
+  lines = [line for line in errors.replace("\r", "\n").splitlines() if line.strip() and "it/s" not in line]
+  assert proc.returncode == 1
+  assert "Traceback" not in errors and len(lines) <= 3, lines[:20]
+  assert lines[-1].startswith("error: writing a checkpoint (at step"), lines[-1]
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert lines[-1].endswith(f"the last checkpoint written whole is step {saved[-1]}."), lines[-1]

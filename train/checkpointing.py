@@ -12,6 +12,7 @@ asynchronously; only a finite state is ever saved, and a restored one that is
 not finite, unreadable or inconsistent is skipped for the previous one.
 """
 
+import logging as logging_module
 import os
 import warnings
 from typing import Optional
@@ -31,6 +32,22 @@ HISTORY_COLUMNS = tuple(column for column in CSV_COLUMNS if column not in TIMING
 
 class CheckpointError(RuntimeError):
   """No checkpoint in the workdir can be read, or one could not be written."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint could not be written. Orbax's threads for later writes may then wait forever: a process
+  that meets this error should end without waiting for them (`os._exit` after its message)."""
+
+
+class _OrbaxWriteErrors(logging_module.Filter):
+  """Drops the tracebacks that orbax logs from its writer threads (hundreds of lines for one full disk):
+  `Checkpoints` raises every write error itself, as one `CheckpointWriteError`."""
+
+  def filter(self, record: logging_module.LogRecord) -> bool:
+    return not (record.levelno >= logging_module.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+logging.get_absl_logger().addFilter(_OrbaxWriteErrors())
 
 
 def empty_history(num_epochs: int) -> np.ndarray:
@@ -121,12 +138,14 @@ class Checkpoints:
     except Exception as error:
       raise self._write_error(self.last_saved, error) from error
 
-  def _write_error(self, step, error) -> CheckpointError:
+  def _write_error(self, step, error) -> CheckpointWriteError:
     saved = sorted(self.manager.all_steps())
     last = f"the last checkpoint written whole is step {saved[-1]}" if saved else "no checkpoint was written whole"
     cause = str(error).splitlines()[0] if str(error) else ""
-    return CheckpointError(
-      f"writing the checkpoint of step {step} in {self.directory} failed ({type(error).__name__}: {cause}); {last}."
+    # A background write's error surfaces at the next save: it names its own step's folder, not `step`.
+    return CheckpointWriteError(
+      f"writing a checkpoint (at step {step} or before) in {self.directory} failed ({type(error).__name__}:"
+      f" {cause}); {last}."
     )
 
   def close(self) -> None:

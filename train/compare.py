@@ -37,6 +37,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from train import checkpointing  # noqa: E402
 from train import config_checks  # noqa: E402
 from train import optimizers  # noqa: E402
 from train import train  # noqa: E402
@@ -158,6 +159,8 @@ def main(argv):
         curves.setdefault(dataset, {}).setdefault(method, []).append([row["val_acc"] for row in rows])
         configs[dataset] = config
         print(f"{method} on {dataset}, seed {config.seed}: test accuracy {result['val_acc']:.4f}", flush=True)
+  except checkpointing.CheckpointWriteError as error:
+    train.exit_now(f"error: {error}")  # orbax's threads for later writes would keep the process alive
   except train.RUN_ERRORS as error:
     sys.exit(f"error: {error}")
   tables = "\n\n".join(markdown_table(results[dataset], configs[dataset]) for dataset in results)

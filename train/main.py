@@ -22,6 +22,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from train import checkpointing  # noqa: E402
 from train import compilation_cache  # noqa: E402
 from train import config_checks  # noqa: E402
 from train import train  # noqa: E402
@@ -87,10 +88,12 @@ def main(argv):
   start = time.time()
   try:
     result = train.train_and_evaluate(config, workdir)
+  except checkpointing.CheckpointWriteError as error:
+    train.exit_now(f"error: {error}")  # orbax's threads for later writes would keep the process alive
   except train.RUN_ERRORS as error:
     sys.exit(f"error: {error}")
   except OSError as error:  # the workdir or the data: a path and its cause, in one line
-    sys.exit(f"error: {error.strerror or error} ({error.filename or workdir})")
+    train.exit_now(f"error: {error.strerror or error} ({error.filename or workdir})")
   if jax.process_index() != 0:
     return
   where = f"workdir {os.path.abspath(workdir)}"
