@@ -493,3 +493,27 @@ def test_a_workdir_made_read_only_mid_run_is_one_short_error_and_no_hang(tmp_pat
   assert lines[-1].startswith("error: writing a checkpoint (at step"), lines[-1]
   saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert lines[-1].endswith(f"the last checkpoint written whole is step {saved[-1]}."), lines[-1]
+
+
+def test_a_metrics_csv_that_cannot_be_written_is_one_line_naming_it_and_the_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  command = [*main_command(workdir), "--config.num_epochs=40"]
+  proc = subprocess.Popen(
+    without_file_permission_override(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
+  )
+  for line in proc.stdout:
+    if line.startswith("epoch 2/40"):
+      break
+  (workdir / "metrics.csv").chmod(0o444)
+  try:
+    _, errors = proc.communicate(timeout=120)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    pytest.fail("the run hung after the failed write")
+  lines = [line for line in errors.replace("\r", "\n").splitlines() if line.strip() and "it/s" not in line]
+  assert proc.returncode == 1 and "Traceback" not in errors and len(lines) <= 3, lines[:20]
+  saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert lines[-1] == (
+    f"error: could not write {workdir / 'metrics.csv'} (Permission denied); the checkpoint of step {saved},"
+    " written whole, holds its rows: rerun to rebuild it."
+  )

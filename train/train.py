@@ -61,6 +61,7 @@ RUN_ERRORS = (
   checkpointing.CheckpointError,
   TrainingStopped,
   workdir_files.WorkdirBusy,
+  workdir_files.RunFilesError,
 )
 
 
@@ -614,7 +615,14 @@ def train_loop(
       # The row is part of the checkpoint: a kill before the CSV write loses nothing.
       history = checkpointing.with_row(history, last_row)
       checkpoints.save(state, totals, history)
-      files.append(last_row)
+      try:
+        files.append(last_row)
+      except OSError as error:
+        checkpoints.wait()  # the row is in the checkpoint being written: make it whole, or say it is not
+        raise workdir_files.RunFilesError(
+          f"could not write {files.csv_path} ({error.strerror or error}); the checkpoint of step"
+          f" {checkpoints.last_saved}, written whole, holds its rows: rerun to rebuild it."
+        ) from error
       log.report(last_row)
       warning = breakdown_warning(last_row, config)
       if warning is not None and is_writer:

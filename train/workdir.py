@@ -41,6 +41,10 @@ class WorkdirBusy(RuntimeError):
   """Another live run holds the workdir."""
 
 
+class RunFilesError(RuntimeError):
+  """metrics.csv could not be written (the checkpoint holds its rows)."""
+
+
 class WorkdirLock:
   """One run per workdir: an exclusive `flock` on `workdir/lock`, which names the holder's host and pid.
 
