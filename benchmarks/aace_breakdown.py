@@ -5,7 +5,7 @@
 
 Each `--methods` entry (as in `train/compare.py`: METHOD[:FIELD=VALUE...])
 trains the trainer's own step on `--config` (default: the Fashion-MNIST
-config) for `--epochs` epochs and records, at every step, the training loss
+config's `memorize` regime) for `--epochs` epochs and records, at every step, the training loss
 at `w` and at `w_adv`, the geometric-mean probability of the true class
 `exp(-loss)`, the first pass's accuracy, `||w_adv - w||` and `||w||`. It
 prints, for each entry, the first step where the loss at `w_adv` falls below
@@ -31,7 +31,7 @@ from train import variants  # noqa: E402
 
 DEFAULT_METHODS = ["aace_sam:model=mnist_cnn", "aace_sam", "aace_sam:model=mnist_cnn:normalize=True:rho=0.05"]
 RECORDED = ("loss", "perturbed_loss", "accuracy", "perturbation_norm", "param_norm")
-CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "train" / "configs" / "fashion_mnist.py")
+CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "train" / "configs" / "fashion_mnist.py") + ":memorize"
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("methods", DEFAULT_METHODS, "METHOD[:FIELD=VALUE...] of each trace.")
