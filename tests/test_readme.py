@@ -81,6 +81,10 @@ def test_shell_command(line):
       # The editable install of an extra of this project; .ci/run does the same for [test].
       assert words[3] in (".[train]", ".[test]", ".[bench]")
       assert 'pip install --quiet -e ".[test]"' in CI_SCRIPT
+    elif words[:2] == ["apt-get", "install"]:
+      # Debian's package of the four Fashion-MNIST files: what .ci/run installs and the trainer's error names.
+      assert words[2:] == ["dataset-fashion-mnist"]
+      assert "apt-get install -y -qq dataset-fashion-mnist" in CI_SCRIPT
     elif words[:2] == ["tfds", "build"]:
       # The command the trainer's missing-dataset error tells users to run.
       dataset = words[2]
