@@ -466,8 +466,9 @@ def test_a_checkpoint_unreadable_for_its_permissions_is_kept_and_named(tmp_path,
   assert [int(r["epoch"]) for r in read_rows(workdir)] == [0, 1]
 
 
-def test_a_workdir_made_read_only_mid_run_is_one_short_error_and_no_hang(tmp_path):
-  workdir = tmp_path / "run"
+def run_then_break_a_write(workdir, break_it) -> tuple[int, list, str]:
+  """Starts a 40-epoch run without root's permission override, calls `break_it()` after its first epoch, and
+  returns its exit status, its stderr lines (progress bars left out) and its stderr; fails if it hangs."""
   command = [*main_command(workdir), "--config.num_epochs=40"]
   proc = subprocess.Popen(
     without_file_permission_override(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
@@ -475,20 +476,31 @@ def test_a_workdir_made_read_only_mid_run_is_one_short_error_and_no_hang(tmp_pat
   for line in proc.stdout:
     if line.startswith("epoch 2/40"):
       break
-  for folder, subfolders, _ in os.walk(workdir):
-    for name in subfolders:
-      os.chmod(os.path.join(folder, name), 0o555)
-  workdir.chmod(0o555)
+  break_it()
   try:
     _, errors = proc.communicate(timeout=120)
   except subprocess.TimeoutExpired:
     proc.kill()
     pytest.fail("the run hung after the failed write")
+  lines = [line for line in errors.replace("\r", "\n").splitlines() if line.strip() and "it/s" not in line]
+  return proc.returncode, lines, errors
+
+
+def test_a_workdir_made_read_only_mid_run_is_one_short_error_and_no_hang(tmp_path):
+  workdir = tmp_path / "run"
+
+  def read_only():
+    for folder, subfolders, _ in os.walk(workdir):
+      for name in subfolders:
+        os.chmod(os.path.join(folder, name), 0o555)
+    workdir.chmod(0o555)
+
+  try:
+    returncode, lines, errors = run_then_break_a_write(workdir, read_only)
   finally:
     for folder, _, _ in os.walk(workdir):
       os.chmod(folder, 0o755)
-  lines = [line for line in errors.replace("\r", "\n").splitlines() if line.strip() and "it/s" not in line]
-  assert proc.returncode == 1
+  assert returncode == 1
   assert "Traceback" not in errors and len(lines) <= 3, lines[:20]
   assert lines[-1].startswith("error: writing a checkpoint (at step"), lines[-1]
   saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
@@ -497,21 +509,8 @@ def test_a_workdir_made_read_only_mid_run_is_one_short_error_and_no_hang(tmp_pat
 
 def test_a_metrics_csv_that_cannot_be_written_is_one_line_naming_it_and_the_checkpoint(tmp_path):
   workdir = tmp_path / "run"
-  command = [*main_command(workdir), "--config.num_epochs=40"]
-  proc = subprocess.Popen(
-    without_file_permission_override(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV
-  )
-  for line in proc.stdout:
-    if line.startswith("epoch 2/40"):
-      break
-  (workdir / "metrics.csv").chmod(0o444)
-  try:
-    _, errors = proc.communicate(timeout=120)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    pytest.fail("the run hung after the failed write")
-  lines = [line for line in errors.replace("\r", "\n").splitlines() if line.strip() and "it/s" not in line]
-  assert proc.returncode == 1 and "Traceback" not in errors and len(lines) <= 3, lines[:20]
+  returncode, lines, errors = run_then_break_a_write(workdir, lambda: (workdir / "metrics.csv").chmod(0o444))
+  assert returncode == 1 and "Traceback" not in errors and len(lines) <= 3, lines[:20]
   saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert lines[-1] == (
     f"error: could not write {workdir / 'metrics.csv'} (Permission denied); the checkpoint of step {saved},"
