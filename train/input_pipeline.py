@@ -93,7 +93,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class RecordError(ValueError):
-  """A dataset record or file that cannot be used, named by its split and index or by its path."""
+  """A dataset record that cannot be used, named by its split and index."""
 
 
 class DataMismatch(ValueError):
@@ -179,22 +179,21 @@ def open_sources(name: str, spec: DatasetSpec, data_dir: Optional[str]) -> tuple
 
   if name not in idx.LAYOUTS:
     return tfds_sources()
-  if data_dir:
-    files = idx.find_files(name, data_dir)
-  elif os.path.isdir(os.path.join(resolve_data_dir(None), name)):
-    files = None  # a prepared TFDS copy comes first
-  else:
-    files = idx.find_files(name, None)
-    if files is None:
-      stems = ", ".join(stem for stems in idx.FILE_STEMS.values() for stem in stems)
-      debian = " Debian ships them: apt-get install dataset-fashion-mnist." if name == "fashion_mnist" else ""
-      raise DatasetNotFoundError(
-        f"{name}: neither a prepared TFDS copy nor its four IDX files ({stems}, plain or .gz) are in"
-        f" {', '.join(idx.search_roots())}.{debian} Or pass --config.data_dir=FOLDER."
-      )
-  if files is None:
-    return tfds_sources()
-  return idx_sources(name, spec, files), f"{name} from the IDX files in {files.folder}"
+  prepared_by_default = not data_dir and os.path.isdir(os.path.join(resolve_data_dir(None), name))
+  files = None if prepared_by_default else idx.find_files(name, data_dir)
+  if files is not None:
+    return idx_sources(name, spec, files), f"{name} from the IDX files in {files.folder}"
+  try:
+    if data_dir or prepared_by_default:
+      return tfds_sources()
+    raise DatasetNotFoundError(f"nor a prepared TFDS copy in {os.path.join(resolve_data_dir(None), name)}.")
+  except DatasetNotFoundError as not_prepared:
+    stems = ", ".join(stem for stems in idx.FILE_STEMS.values() for stem in stems)
+    debian = " (Debian ships them: apt-get install dataset-fashion-mnist)" if name == "fashion_mnist" else ""
+    raise DatasetNotFoundError(
+      f"{name}: its four IDX files ({stems}, plain or .gz) are in none of"
+      f" {', '.join([data_dir] if data_dir else idx.search_roots())}{debian}; {not_prepared}"
+    ) from None
 
 
 def pad_and_resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
