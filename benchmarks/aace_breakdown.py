@@ -34,10 +34,14 @@ RECORDED = ("loss", "perturbed_loss", "accuracy", "perturbation_norm", "param_no
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "train" / "configs" / "fashion_mnist.py") + ":memorize"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("methods", DEFAULT_METHODS, "METHOD[:FIELD=VALUE...] of each trace.")
-flags.DEFINE_integer("epochs", 2, "Epochs per trace.", lower_bound=1)
-flags.DEFINE_string("out", None, "Folder for trace.json and trace.png.")
-config_flags.DEFINE_config_file("config", CONFIG, "The config every trace starts from.", lock_config=True)
+
+
+def define_flags() -> None:
+  """The command line's flags, defined only when run as a script (importing this module defines none)."""
+  flags.DEFINE_list("methods", DEFAULT_METHODS, "METHOD[:FIELD=VALUE...] of each trace.")
+  flags.DEFINE_integer("epochs", 2, "Epochs per trace.", lower_bound=1)
+  flags.DEFINE_string("out", None, "Folder for trace.json and trace.png.")
+  config_flags.DEFINE_config_file("config", CONFIG, "The config every trace starts from.", lock_config=True)
 
 
 def trace(config, epochs: int) -> dict:
@@ -121,4 +125,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -92,6 +92,8 @@ def test_create_model_rejects_unknown_names():
 INIT_MODELS = {
   "linear": models.Linear(10),
   "small_cnn": models.SmallCNN(10),
+  "mnist_cnn": models.MnistCNN(10),
+  "mnist_cnn_head_norm": models.MnistCNN(10, head_norm=True),
   "wrn16_4": models.WideResNet(16, 4, 10),
   "wrn28_10": models.WideResNet(28, 10, 100),
   "pyramidnet20": models.PyramidNet(20, 48, 10),
@@ -115,3 +117,17 @@ def test_fast_init_gives_model_init_parameters(name):
 def test_registry_models_are_covered_by_the_init_test():
   covered = {type(m) for m in INIT_MODELS.values()}
   assert {type(models.create_model(name, 10)) for name in models.MODELS} <= covered
+
+
+@pytest.mark.parametrize(
+  "name, expected",
+  [
+    # conv 3*3*1*32 + BN 2*32 + conv 3*3*32*64 + BN 2*64 + dense 7*7*64*128 (+ 128 bias | + BN 2*128) + 128*10 + 10
+    ("mnist_cnn", 288 + 64 + 18432 + 128 + 401408 + 128 + 1290),
+    ("mnist_cnn_head_norm", 288 + 64 + 18432 + 128 + 401408 + 256 + 1290),
+  ],
+)
+def test_mnist_cnns_have_the_documented_layers(name, expected):
+  variables = models.init_variables(models.create_model(name, 10), jax.random.key(0), (28, 28, 1))
+  assert sum(x.size for x in jax.tree.leaves(variables["params"])) == expected
+  assert ("BatchNorm_2" in variables["batch_stats"]) == (name == "mnist_cnn_head_norm")
