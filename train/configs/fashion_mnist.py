@@ -13,7 +13,9 @@ unnormalized, SAM rho 0.05 normalized), with the learning rate 0.05 instead
 of 0.1 for this small network, batch 128, 20 epochs.
 
 - The default trains on all 60,000 training images with the paper's
-  Fashion-MNIST augmentation (Cutout).
+  Fashion-MNIST augmentation (Cutout). AACE-SAM reached 0.897 test accuracy
+  after 2 epochs (`--config.num_epochs=2`, 8 minutes on a 2-core CPU shared
+  with other work).
 - `:memorize` is the regime of the README's three-method comparison, chosen
   before any test accuracy was seen and not tuned per method: a fixed,
   class-balanced 5,000-image subset of the training split, no augmentation.
