@@ -359,7 +359,7 @@ def test_compare_plans_variants_of_a_method_and_refuses_a_bad_one():
     assert result.returncode == 1 and message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
 
 
-def test_compare_runs_the_three_methods(tmp_path):
+def test_compare_runs_the_methods_and_variants_each_with_its_own_rho(tmp_path):
   result = subprocess.run(
     [
       sys.executable,
@@ -370,6 +370,7 @@ def test_compare_runs_the_three_methods(tmp_path):
       str(tmp_path),
       "--config.num_epochs=1",
       "--config.compilation_cache=False",
+      "--methods=sgd,sam,aace_sam,aace_sam:rho=0.05",
     ],
     capture_output=True,
     text=True,
@@ -378,7 +379,9 @@ def test_compare_runs_the_three_methods(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-2000:]
   table = (tmp_path / "compare.md").read_text()
-  assert all(f"| {method} |" in table for method in ("sgd", "sam", "aace_sam"))
+  # Each row's rho is its own run's: the variant's change, else the method's default.
+  for row in ("| sgd | - |", "| sam | 0.05 |", "| aace_sam | 0.2 |", "| aace_sam:rho=0.05 | 0.05 |"):
+    assert row in table, table
   assert (tmp_path / "compare.png").exists()
 
 

@@ -87,12 +87,11 @@ def markdown_table(results: dict, config) -> str:
     "| --- | --- | --- | --- | --- |",
   ]
   for spec, runs in results.items():
-    method, fields = variants.parse_method(spec)
+    method, _ = variants.parse_method(spec)
     accuracies = np.array([run["val_acc"] for run in runs]) * 100
     train_accuracies = np.array([run["train_acc"] for run in runs]) * 100
     seconds = np.mean([run["seconds_per_epoch"] for run in runs])
-    default_rho = optimizers.DEFAULT_RHO[method] if config.rho is None else config.rho
-    rho = "-" if method == "sgd" else fields.get("rho", default_rho)
+    rho = "-" if method == "sgd" else runs[0]["rho"]
     lines.append(
       f"| {spec} | {rho} | {accuracies.mean():.2f} +- {accuracies.std():.2f} |"
       f" {train_accuracies.mean():.2f} +- {train_accuracies.std():.2f} | {seconds:.2f} |"
@@ -155,6 +154,7 @@ def main(argv):
         walls = [row["wall_time"] for row in rows]
         # After the first epoch, which includes compilation.
         result["seconds_per_epoch"] = (walls[-1] - walls[0]) / (len(walls) - 1) if len(walls) > 1 else walls[0]
+        result["rho"] = optimizers.DEFAULT_RHO[config.optimizer] if config.rho is None else config.rho
         results.setdefault(dataset, {}).setdefault(method, []).append(result)
         curves.setdefault(dataset, {}).setdefault(method, []).append([row["val_acc"] for row in rows])
         configs[dataset] = config
