@@ -304,17 +304,18 @@ def aace_sam(
   with :math:`T = |w|` element-wise when ``adaptive`` (ASAM) and :math:`T = 1`
   otherwise; with ``max_perturbation_norm`` :math:`c`, a perturbation
   :math:`e = w_{adv} - w` longer than :math:`c` is scaled to length :math:`c`.
-
-  The paper's perturbation is not normalized, and the AACE gradient grows as
-  the model becomes confident: on a network whose layers are not followed by
-  normalization (a dense hidden layer on thousands of features), ``rho=0.2``
-  can push :math:`w_{adv}` so far that training breaks down (the README's
-  "When AACE-SAM breaks down"). ``max_perturbation_norm`` bounds it and
-  leaves every shorter perturbation as the paper computes it;
-  ``normalize=True`` fixes its length instead. It then calls ``grad_fn(w_adv)`` for the training-loss gradient
+  It then calls ``grad_fn(w_adv)`` for the training-loss gradient
   :math:`\nabla_w L_{\mathrm{CE}}(w_{\mathrm{adv}})` and returns
   ``optimizer``'s update for that gradient, taken at :math:`w` (weight decay
   in ``optimizer`` therefore acts on :math:`w`, not :math:`w_{adv}`).
+
+  The paper's perturbation is not normalized, and it grows as the model
+  becomes confident. On a network with a layer that no normalization
+  follows (a dense hidden layer, say), ``rho=0.2`` can move :math:`w_{adv}`
+  so far that the updates fit :math:`w_{adv}` and leave :math:`w` behind
+  (the README's "When AACE-SAM breaks down"). ``max_perturbation_norm``
+  bounds it and leaves every shorter perturbation as the paper computes it;
+  ``normalize=True`` fixes its length instead.
 
   ``update(updates, state, params, *, grad_fn, **extra_args)``: ``grad_fn``
   is called once, at :math:`w_{adv}`, and returns the training-loss gradient
