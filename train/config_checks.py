@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from train import augment
 from train import input_pipeline
 from train import models
 from train import optimizers
@@ -111,8 +112,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
       f"dataset {config.dataset!r} is not one of {sorted(input_pipeline.DATASETS)}",
     ),
     (
-      config.augment is None or config.augment in input_pipeline.AUGMENTATIONS,
-      f"augment {config.augment!r} is not one of {input_pipeline.AUGMENTATIONS} (or None)",
+      config.augment is None or config.augment in augment.AUGMENTATIONS,
+      f"augment {config.augment!r} is not one of {augment.AUGMENTATIONS} (or None)",
     ),
     (
       config.train_examples is None or _at_least(config.train_examples, 1),

@@ -85,9 +85,6 @@ DATASETS = {
 }
 
 
-AUGMENTATIONS = ("cifar", "cutout", "flip_cutout", "none")
-
-
 class DatasetNotFoundError(FileNotFoundError):
   """A dataset is not where the trainer looked."""
 
@@ -547,7 +544,7 @@ def create_data(
     cache_dir: where decoded TFDS splits are cached; None caches nothing.
     max_in_memory_bytes: splits larger than this (as uint8) are streamed from disk.
     train_examples: train on this fixed, class-balanced subset of the training split (None: all of it).
-    augment: the device augmentation (one of `AUGMENTATIONS`) instead of the dataset's own.
+    augment: the device augmentation (one of `augment.AUGMENTATIONS`) instead of the dataset's own.
   """
   spec = get_spec(name)
   if augment is not None:
