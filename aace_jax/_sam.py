@@ -49,6 +49,13 @@ class SAMState(NamedTuple):
     perturbed_grad_norm: the global L2 norm of ``grad_fn``'s gradient at
       ``w_adv`` (after averaging over ``batch_axis_name``), the gradient the
       inner optimizer receives.
+    steps_since_perturbation: with ``perturb_every=k > 1``, an int32 in
+      ``[0, k)``: the next update computes a new perturbation when it is 0;
+      ``()`` (no leaf) when every update perturbs.
+    kept_perturbation: with ``perturb_every > 1`` and reuse, the last
+      perturbation ``w_adv - w`` computed, shaped like the parameters; ``()``
+      otherwise. On the updates between, ``perturbation_grad_norm`` keeps the
+      value of the update that computed it.
   """
 
   inner_state: optax.OptState
@@ -56,6 +63,57 @@ class SAMState(NamedTuple):
   perturbation_norm: jax.Array
   perturbed_loss: jax.Array
   perturbed_grad_norm: jax.Array
+  steps_since_perturbation: Any = ()
+  kept_perturbation: Any = ()
+
+
+def _sam_states(opt_state: optax.OptState) -> list[SAMState]:
+  """The :class:`SAMState` nodes of `opt_state`, outermost first, nested ones included."""
+  found = []
+  for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SAMState)):
+    if isinstance(node, SAMState):
+      found += [node, *_sam_states(node.inner_state)]
+  return found
+
+
+def perturbation_due(opt_state: optax.OptState) -> Optional[jax.Array]:
+  """Whether the next update of the :class:`SAMState` in `opt_state` computes a new perturbation.
+
+  A boolean scalar when a transformation there perturbs every ``k > 1``
+  updates (the outermost one is read), None when every update perturbs or
+  there is none: a train step skips its first pass when it is False, since
+  the update then ignores the first-pass gradient it receives.
+  """
+  for node in _sam_states(opt_state):
+    if not isinstance(node.steps_since_perturbation, tuple):
+      return node.steps_since_perturbation == 0
+  return None
+
+
+def with_perturbation_due(opt_state: optax.OptState, due: bool) -> optax.OptState:
+  """`opt_state` with every ``perturb_every > 1`` counter set so that the next update perturbs anew or not.
+
+  For a caller that decides on the host which updates compute a new
+  perturbation (``make_train_step(..., new_perturbation=...)``): ``due``
+  sets the counter to 0, ``not due`` moves a counter at 0 to 1, and the
+  counter goes on from there.
+  """
+
+  def set_due(node):
+    if not isinstance(node, SAMState):
+      return node
+    node = node._replace(inner_state=with_perturbation_due(node.inner_state, due))
+    count = node.steps_since_perturbation
+    if isinstance(count, tuple):
+      return node
+    return node._replace(steps_since_perturbation=jnp.zeros_like(count) if due else jnp.maximum(count, 1))
+
+  return jax.tree.map(set_due, opt_state, is_leaf=lambda x: isinstance(x, SAMState))
+
+
+def keeps_perturbation(opt_state: optax.OptState) -> bool:
+  """Whether a :class:`SAMState` in `opt_state` keeps a perturbation between updates (reuse, ``k > 1``)."""
+  return any(not isinstance(node.kept_perturbation, tuple) for node in _sam_states(opt_state))
 
 
 def _refuse_wrappers(owner: str, params) -> None:
@@ -191,6 +249,8 @@ def _sharpness_aware(
   max_perturbation_norm,
   perturb_mask: Optional[PerturbMask],
   batch_axis_name: Optional[str],
+  perturb_every: Optional[int],
+  reuse_perturbation: bool,
 ) -> optax.GradientTransformationExtraArgs:
   """The one implementation behind `aace_sam` and `sam`."""
   if not isinstance(optimizer, optax.GradientTransformation):
@@ -199,9 +259,16 @@ def _sharpness_aware(
   _checks.check_in_range(owner, "eps", eps, 0.0, float("inf"))
   if max_perturbation_norm is not None:
     _checks.check_in_range(owner, "max_perturbation_norm", max_perturbation_norm, 0.0, float("inf"))
-  for name, flag in (("normalize", normalize), ("adaptive", adaptive)):
+  for name, flag in (("normalize", normalize), ("adaptive", adaptive), ("reuse_perturbation", reuse_perturbation)):
     if not isinstance(flag, bool):
       raise TypeError(f"{owner}: {name} must be a bool, got {flag!r}.")
+  perturb_every = 1 if perturb_every is None else perturb_every
+  if isinstance(perturb_every, bool) or not isinstance(perturb_every, int) or perturb_every < 1:
+    raise ValueError(
+      f"{owner}: perturb_every must be a positive Python int (static; with optax.inject_hyperparams list it"
+      f" in static_args), got {perturb_every!r}."
+    )
+  keeps = perturb_every > 1 and reuse_perturbation
   if perturb_mask is not None and not callable(perturb_mask):
     _check_mask_leaves(owner, perturb_mask)
   inner = optax.with_extra_args_support(optimizer)
@@ -216,6 +283,8 @@ def _sharpness_aware(
       perturbation_norm=zero(),
       perturbed_loss=zero(),
       perturbed_grad_norm=zero(),
+      steps_since_perturbation=jnp.zeros([], jnp.int32) if perturb_every > 1 else (),
+      kept_perturbation=jax.tree.map(jnp.zeros_like, params) if keeps else (),
     )
 
   def update_fn(
@@ -237,43 +306,69 @@ def _sharpness_aware(
       raise ValueError(f"{owner}.update needs params: the perturbation is applied to them.")
     _refuse_wrappers(owner, params)
     mask = _resolve_mask(owner, perturb_mask, params)
-    grads = updates
-    if batch_axis_name is not None:
-      grads = jax.lax.pmean(grads, axis_name=batch_axis_name)
-    # Unperturbed leaves drop out of the direction and of its norm.
-    grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
-    if adaptive:
-      # ASAM: the step is T^2 g / ||T g|| with T = |w|.
-      grads = jax.tree.map(lambda g, w: g * jnp.abs(w).astype(g.dtype), grads, params)
-    grad_norm = global_norm(grads)
-    if adaptive:
-      grads = jax.tree.map(lambda g, w: g * jnp.abs(w).astype(g.dtype), grads, params)
-    scale = sign * rho
-    if normalize:
-      denominator = grad_norm + eps
-      # A zero gradient gives a zero perturbation even with eps=0.
-      scale = jnp.where(denominator > 0, scale / jnp.where(denominator > 0, denominator, 1), 0)
-    if max_perturbation_norm is not None:
-      # ||e|| = |scale| ||direction||; the direction is g, or T^2 g whose norm is not ||T g||.
-      step_norm = jnp.abs(scale) * (global_norm(grads) if adaptive else grad_norm)
-      too_long = step_norm > max_perturbation_norm
-      scale = jnp.where(too_long, scale * max_perturbation_norm / jnp.where(too_long, step_norm, 1), scale)
     _warn_if_rounded_away(owner, params, mask)
-    perturbed_params = jax.tree.map(
-      lambda w, g, m: (w + scale * upcast(g)).astype(w.dtype) if m else w, params, grads, mask
-    )
+
+    def fresh_perturbation():
+      """w_adv from this update's first-pass gradient, and the norm of the gradient it came from."""
+      grads = updates
+      if batch_axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name=batch_axis_name)
+      # Unperturbed leaves drop out of the direction and of its norm.
+      grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
+      if adaptive:
+        # ASAM: the step is T^2 g / ||T g|| with T = |w|.
+        grads = jax.tree.map(lambda g, w: g * jnp.abs(w).astype(g.dtype), grads, params)
+      grad_norm = global_norm(grads)
+      if adaptive:
+        grads = jax.tree.map(lambda g, w: g * jnp.abs(w).astype(g.dtype), grads, params)
+      scale = sign * rho
+      if normalize:
+        denominator = grad_norm + eps
+        # A zero gradient gives a zero perturbation even with eps=0.
+        scale = jnp.where(denominator > 0, scale / jnp.where(denominator > 0, denominator, 1), 0)
+      if max_perturbation_norm is not None:
+        # ||e|| = |scale| ||direction||; the direction is g, or T^2 g whose norm is not ||T g||.
+        step_norm = jnp.abs(scale) * (global_norm(grads) if adaptive else grad_norm)
+        too_long = step_norm > max_perturbation_norm
+        scale = jnp.where(too_long, scale * max_perturbation_norm / jnp.where(too_long, step_norm, 1), scale)
+      perturbed_params = jax.tree.map(
+        lambda w, g, m: (w + scale * upcast(g)).astype(w.dtype) if m else w, params, grads, mask
+      )
+      kept = jax.tree.map(lambda w_adv, w: (w_adv - w).astype(w.dtype), perturbed_params, params) if keeps else ()
+      return perturbed_params, grad_norm.astype(jnp.float32), kept
+
+    def between_perturbations():
+      """w_adv from the kept perturbation (reuse), or w itself (plain steps); the first-pass gradient is unused."""
+      if keeps:
+        perturbed_params = jax.tree.map(
+          lambda w, e, m: (w + e).astype(w.dtype) if m else w, params, state.kept_perturbation, mask
+        )
+      else:
+        perturbed_params = params
+      return perturbed_params, state.perturbation_grad_norm, state.kept_perturbation
+
+    if perturb_every == 1:
+      perturbed_params, grad_norm, kept_perturbation = fresh_perturbation()
+      steps_since_perturbation = ()
+    else:
+      count = state.steps_since_perturbation
+      perturbed_params, grad_norm, kept_perturbation = jax.lax.cond(
+        count == 0, fresh_perturbation, between_perturbations
+      )
+      steps_since_perturbation = (count + 1) % perturb_every
     perturbation_norm = global_norm(jax.tree.map(lambda w_adv, w: upcast(w_adv) - upcast(w), perturbed_params, params))
-    del grads
     perturbed_loss, perturbed_grads = _call_grad_fn(owner, grad_fn, perturbed_params)
     if batch_axis_name is not None:
       perturbed_loss, perturbed_grads = jax.lax.pmean((perturbed_loss, perturbed_grads), axis_name=batch_axis_name)
     updates, inner_state = inner.update(perturbed_grads, state.inner_state, params, **extra_args)
     return updates, SAMState(
       inner_state=inner_state,
-      perturbation_grad_norm=grad_norm.astype(jnp.float32),
+      perturbation_grad_norm=grad_norm,
       perturbation_norm=perturbation_norm.astype(jnp.float32),
       perturbed_loss=perturbed_loss,
       perturbed_grad_norm=global_norm(perturbed_grads).astype(jnp.float32),
+      steps_since_perturbation=steps_since_perturbation,
+      kept_perturbation=kept_perturbation,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -289,6 +384,8 @@ def aace_sam(
   max_perturbation_norm: Optional[jax.typing.ArrayLike] = None,
   perturb_mask: Optional[PerturbMask] = None,
   batch_axis_name: Optional[str] = None,
+  perturb_every: Optional[int] = None,
+  reuse_perturbation: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AACE-SAM: sharpness-aware minimization with an AACE perturbation.
 
@@ -316,6 +413,18 @@ def aace_sam(
   (the README's "When AACE-SAM breaks down"). ``max_perturbation_norm``
   bounds it and leaves every shorter perturbation as the paper computes it;
   ``normalize=True`` fixes its length instead.
+
+  Cheaper steps (``perturb_every=k > 1``): only every k-th update computes
+  :math:`e = w_{adv} - w` from the first-pass gradient; the updates between
+  ignore the gradient they receive (a train step need not compute it:
+  :func:`make_train_step` skips its first pass then) and take
+  ``grad_fn`` at :math:`w + e` with the kept :math:`e`
+  (``reuse_perturbation=True``, one more parameter-sized buffer in the
+  state), or at :math:`w` itself (``False``: plain steps between
+  sharpness-aware ones, as Composer's ``SAM(interval=k)``). AACE's
+  successive perturbations point much the same way, SAM's much less (the
+  README's "Cheaper steps"). ``k = 1`` is the transformation above, bit for
+  bit.
 
   ``update(updates, state, params, *, grad_fn, **extra_args)``: ``grad_fn``
   is called once, at :math:`w_{adv}`, and returns the training-loss gradient
@@ -365,6 +474,12 @@ def aace_sam(
       parameter is still updated by ``optimizer``. None perturbs all.
     batch_axis_name: a mapped axis (``jax.pmap``/``shard_map``) over which both
       gradients are averaged before use.
+    perturb_every: compute a new perturbation every this many updates, a
+      positive Python int; None or 1 (the paper): on every update. (None, so
+      that ``optax.inject_hyperparams`` does not take it for a
+      hyperparameter; a k given there belongs in its ``static_args``.)
+    reuse_perturbation: between new perturbations, apply the kept one
+      (True) or none (False); unused when ``perturb_every=1``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -407,6 +522,8 @@ def aace_sam(
     max_perturbation_norm=max_perturbation_norm,
     perturb_mask=perturb_mask,
     batch_axis_name=batch_axis_name,
+    perturb_every=perturb_every,
+    reuse_perturbation=reuse_perturbation,
   )
 
 
@@ -420,6 +537,8 @@ def sam(
   max_perturbation_norm: Optional[jax.typing.ArrayLike] = None,
   perturb_mask: Optional[PerturbMask] = None,
   batch_axis_name: Optional[str] = None,
+  perturb_every: Optional[int] = None,
+  reuse_perturbation: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Classic SAM (and ASAM with ``adaptive=True``), through the AACE-SAM machinery.
 
@@ -445,6 +564,11 @@ def sam(
       :func:`aace_sam` (only useful with ``normalize=False``).
     perturb_mask: which parameters to perturb, as in :func:`aace_sam`.
     batch_axis_name: a mapped axis over which both gradients are averaged.
+    perturb_every: compute a new perturbation every this many updates, as
+      in :func:`aace_sam`.
+    reuse_perturbation: between new perturbations, apply the kept one
+      (LookSAM-like reuse of the whole perturbation) or none (Composer's
+      ``SAM(interval=k)``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -482,4 +606,6 @@ def sam(
     max_perturbation_norm=max_perturbation_norm,
     perturb_mask=perturb_mask,
     batch_axis_name=batch_axis_name,
+    perturb_every=perturb_every,
+    reuse_perturbation=reuse_perturbation,
   )

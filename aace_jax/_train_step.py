@@ -221,6 +221,8 @@ def make_train_step(
   axis_name: Optional[str] = None,
   sync_perturbation: bool = True,
   grad_accum_steps: int = 1,
+  perturbation_batch_fraction: float = 1.0,
+  new_perturbation: Optional[bool] = None,
   skip_nonfinite: bool = True,
   extra_metrics: Optional[dict[str, PerExampleLoss]] = None,
 ) -> Step:
@@ -260,6 +262,26 @@ def make_train_step(
   batch without BatchNorm (BatchNorm normalizes each micro-batch on its own;
   the new running statistics are the mean of the micro-batches').
 
+  Cheaper steps. With ``tx`` perturbing every ``k > 1`` updates
+  (``aace_sam(..., perturb_every=k)``), the first pass runs only on the steps
+  that compute a new perturbation: a ``jax.lax.cond`` leaves it out of the
+  others, which take one pass, at :math:`w + e` with the kept perturbation
+  (or at :math:`w`, ``reuse_perturbation=False``). That pass is then the
+  only one, so the BatchNorm statistics and the metrics ``loss``,
+  ``accuracy`` and ``perturbation_loss`` come from it; the running
+  statistics would otherwise be updated only every k-th step.
+  ``perturbation_batch_fraction=f`` computes the perturbation gradient from
+  the first ``round(f * b)`` examples of each (per-device) batch of ``b``
+  and the gradient at :math:`w_{adv}` from all ``b``: ``1 + f`` passes. The
+  BatchNorm statistics, ``loss`` and ``accuracy`` are then those of the
+  first pass's examples. ``k = 1`` and ``f = 1`` are the step above, bit for
+  bit. A skipped non-finite step (below) does not advance the k-cycle.
+  ``new_perturbation=True`` / ``False`` builds a step that always / never
+  computes a new perturbation, with no conditional: a caller that knows the
+  step number on the host alternates the two compiled steps (XLA's CPU
+  backend runs the backward convolutions inside a conditional far slower
+  than outside one, and a GPU reads a conditional's predicate on the host).
+
   Non-finite steps (``skip_nonfinite``): if the perturbation gradient, the
   final gradient, or the state the step would produce (parameters, optimizer
   state, model state such as BatchNorm statistics) has a NaN or an infinity
@@ -290,7 +312,14 @@ def make_train_step(
       a plain optimizer).
     axis_name: the mapped axis for data parallelism, or None on one device.
     sync_perturbation: average the first-pass gradient over ``axis_name``.
-    grad_accum_steps: micro-batches per step, dividing the per-device batch.
+    grad_accum_steps: micro-batches per step, dividing the per-device batch
+      (and its first-pass part).
+    perturbation_batch_fraction: the part of each batch, in (0, 1], the
+      first pass takes (its leading examples), for a sharpness-aware ``tx``.
+    new_perturbation: None: ``tx``'s state decides on the device whether a
+      step computes a new perturbation; True / False: this step always /
+      never does (its ``tx`` perturbing every ``k > 1`` updates), and the
+      caller runs the ``True`` step every k-th step.
     skip_nonfinite: skip updates whose gradients or results are not finite.
     extra_metrics: per-example functions ``fn(logits, labels)`` reported as
       batch means under their names, computed from the first pass's logits
@@ -301,14 +330,17 @@ def make_train_step(
     A :class:`Step`, ``step(state, batch) -> (state, metrics)`` with
     ``batch = {"image", "label"}``. ``metrics`` holds float32 batch means:
 
-    - ``loss``: ``loss`` at :math:`w`, from the first pass's logits;
-    - ``accuracy``: of the first pass;
+    - ``loss``: ``loss`` at :math:`w`, from the first pass's logits (see
+      "Cheaper steps" for which pass and examples when there is no first
+      pass or it takes part of the batch);
+    - ``accuracy``: of the same logits;
     - ``perturbation_loss``: ``perturbation_loss`` at :math:`w`;
     - ``perturbed_loss``: ``loss`` at :math:`w_{adv}`, the pass whose
       gradient updates the weights (equal to ``loss`` for a plain optimizer);
     - ``perturbation_grad_norm``: the norm of the gradient the perturbation
-      is built from; ``perturbation_norm``: :math:`\|w_{adv} - w\|` (both 0
-      for a plain optimizer);
+      is built from (between perturbations, the kept perturbation's);
+      ``perturbation_norm``: :math:`\|w_{adv} - w\|` applied (both 0 for a
+      plain optimizer; the latter 0 on plain steps between perturbations);
     - ``grad_norm``: the norm of the gradient given to the optimizer;
     - ``param_norm``: :math:`\|w\|` before the update, the scale against
       which ``perturbation_norm`` reads;
@@ -338,10 +370,20 @@ def make_train_step(
   for name, flag in (("sync_perturbation", sync_perturbation), ("skip_nonfinite", skip_nonfinite)):
     if not isinstance(flag, bool):
       raise TypeError(f"make_train_step: {name} must be a bool, got {flag!r}.")
+  if new_perturbation is not None and not isinstance(new_perturbation, bool):
+    raise TypeError(f"make_train_step: new_perturbation must be None or a bool, got {new_perturbation!r}.")
   if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
     raise ValueError(f"make_train_step: grad_accum_steps must be a positive int, got {grad_accum_steps!r}.")
   if axis_name is not None and not isinstance(axis_name, str):
     raise TypeError(f"make_train_step: axis_name must be a str or None, got {axis_name!r}.")
+  if (
+    isinstance(perturbation_batch_fraction, bool)
+    or not isinstance(perturbation_batch_fraction, (int, float))
+    or not 0 < perturbation_batch_fraction <= 1
+  ):
+    raise ValueError(
+      f"make_train_step: perturbation_batch_fraction must be a number in (0, 1], got {perturbation_batch_fraction!r}."
+    )
   extra_metrics = dict(extra_metrics or {})
   if set(STEP_METRICS) & set(extra_metrics):
     raise ValueError(
@@ -352,6 +394,18 @@ def make_train_step(
 
   def average(tree):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+  def _first_pass_examples(batch_size: int) -> Optional[int]:
+    """How many leading examples of a (per-device) batch the first pass takes; None: all of them."""
+    if perturbation_batch_fraction == 1:
+      return None
+    count = round(perturbation_batch_fraction * batch_size)
+    if count < grad_accum_steps or count % grad_accum_steps:
+      raise ValueError(
+        f"make_train_step: perturbation_batch_fraction={perturbation_batch_fraction} of a batch of {batch_size}"
+        f" examples is {count}, which does not split into grad_accum_steps={grad_accum_steps} equal micro-batches."
+      )
+    return count
 
   def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
     """The step's model key (dropout: the same in both passes) and loss key."""
@@ -369,31 +423,68 @@ def make_train_step(
       metrics[name] = jax.lax.stop_gradient(fn(logits, labels, **extra)).mean()
     return metrics
 
+  def merged(logits, model_state):
+    """A pass's logits and new model state over the whole (per-device) batch, micro-batches merged."""
+    if grad_accum_steps == 1:
+      return logits, model_state
+    return logits.reshape(-1, logits.shape[-1]), jax.tree.map(lambda x: x.mean(0), model_state)
+
+  def perturbation_objective(logits, labels, loss_rng):
+    extra = {"key": loss_rng} if perturbation_takes_key else {}
+    return perturbation_loss(logits, labels, **extra).mean()
+
   def sharpness_aware_update(state, images, labels, forward, loss_rng):
-    """Both passes; returns the update, the new model and optimizer states and the metrics."""
+    """Both passes (the first only when `tx` needs it); the update, new model and optimizer states, metrics."""
+    first_images, first_labels = images, labels
+    first_examples = _first_pass_examples(labels.shape[0])
+    if first_examples is not None:
+      first_images, first_labels = images[:first_examples], labels[:first_examples]
 
     def first_pass(params, images, labels, index):
       logits, new_model_state = forward(params, images, index)
       extra = {"key": jax.random.fold_in(loss_rng, index)} if perturbation_takes_key else {}
       return perturbation_loss(logits, labels, **extra).mean(), (logits, new_model_state)
 
-    (objective, (logits, new_model_state)), grads = _mean_value_and_grad(
-      first_pass, state.params, images, labels, grad_accum_steps
-    )
-    if sync_perturbation:
-      grads = average(grads)
+    def run_first_pass():
+      (objective, outputs), grads = _mean_value_and_grad(
+        first_pass, state.params, first_images, first_labels, grad_accum_steps
+      )
+      return objective, merged(*outputs), average(grads) if sync_perturbation else grads
+
+    opt_state = state.opt_state
+    due = _sam.perturbation_due(opt_state)  # None: every update perturbs anew
+    if due is not None:
+      if axis_name is not None and not sync_perturbation and _sam.keeps_perturbation(opt_state):
+        raise ValueError(
+          "make_train_step: sync_perturbation=False with a kept perturbation (perturb_every > 1,"
+          " reuse_perturbation=True) would keep a different perturbation on each device in a state that"
+          " must be the same on all; use sync_perturbation=True, or reuse_perturbation=False."
+        )
+      if new_perturbation is not None:
+        opt_state, due = _sam.with_perturbation_due(opt_state, new_perturbation), new_perturbation
+    skipped_first_pass = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run_first_pass))
+    if due is None or due is True:
+      first = run_first_pass()
+    elif due is False:
+      first = skipped_first_pass()
+    else:
+      # A conditional, not a select: between perturbations the first pass does not run.
+      first = jax.lax.cond(due, run_first_pass, skipped_first_pass)
+    objective, (logits, new_model_state), grads = first
+    second_pass_outputs = []
 
     def grad_fn(perturbed_params):
       def second_pass(params, images, labels, index):
-        logits, _ = forward(params, images, index)  # its model state is discarded
-        return loss(logits, labels).mean(), None
+        logits, new_model_state = forward(params, images, index)
+        return loss(logits, labels).mean(), (logits, new_model_state)
 
-      (value, _), perturbed_grads = _mean_value_and_grad(
+      (value, outputs), perturbed_grads = _mean_value_and_grad(
         second_pass, perturbed_params, images, labels, grad_accum_steps
       )
+      second_pass_outputs.append(merged(*outputs))
       return average(value), average(perturbed_grads)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_fn=grad_fn)
+    updates, opt_state = tx.update(grads, opt_state, state.params, grad_fn=grad_fn)
     sam_states = _find_states(opt_state, _sam.SAMState)
     missing = jnp.full([], jnp.nan, jnp.float32)
     sam_state = sam_states[0] if sam_states else None
@@ -403,10 +494,25 @@ def make_train_step(
       "grad_norm": sam_state.perturbed_grad_norm if sam_state else missing,
       "perturbation_grad_norm": sam_state.perturbation_grad_norm if sam_state else missing,
       "perturbation_norm": sam_state.perturbation_norm if sam_state else missing,
+      **first_pass_metrics(logits, first_labels, loss_rng),
     }
+    if due is not None and due is not True:
+      # Between perturbations the pass at w_adv is the only one: what the
+      # first pass would report (and the BatchNorm statistics) comes from it.
+      only_logits, only_model_state = second_pass_outputs[0]
+      only_pass = {
+        **first_pass_metrics(only_logits, labels, loss_rng),
+        "perturbation_loss": perturbation_objective(only_logits, labels, loss_rng),
+      }
+      if due is False:
+        metrics.update(only_pass)
+        new_model_state = only_model_state
+      else:
+        metrics.update({name: jnp.where(due, metrics[name], value) for name, value in only_pass.items()})
+        new_model_state = jax.lax.cond(due, lambda: new_model_state, lambda: only_model_state)
     # The gradient at w_adv is checked through its norm, which is non-finite when it is.
     finite = all_finite(grads) & (jnp.isfinite(metrics["grad_norm"]) | (sam_state is None))
-    return updates, new_model_state, opt_state, logits, metrics, finite
+    return updates, new_model_state, opt_state, metrics, finite
 
   def plain_update(state, images, labels, forward, loss_rng):
     """One pass on `loss`; the perturbation loss is reported, not differentiated."""
@@ -415,20 +521,19 @@ def make_train_step(
       logits, new_model_state = forward(params, images, index)
       return loss(logits, labels).mean(), (logits, new_model_state)
 
-    (objective, (logits, new_model_state)), grads = _mean_value_and_grad(
-      only_pass, state.params, images, labels, grad_accum_steps
-    )
+    (objective, outputs), grads = _mean_value_and_grad(only_pass, state.params, images, labels, grad_accum_steps)
+    logits, new_model_state = merged(*outputs)
     grads = average(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    extra = {"key": loss_rng} if perturbation_takes_key else {}
     metrics = {
-      "perturbation_loss": perturbation_loss(logits.reshape(-1, logits.shape[-1]), labels, **extra).mean(),
+      "perturbation_loss": perturbation_objective(logits, labels, loss_rng),
       "perturbed_loss": objective,
       "grad_norm": global_norm(grads),
       "perturbation_grad_norm": jnp.zeros([]),
       "perturbation_norm": jnp.zeros([]),
+      **first_pass_metrics(logits, labels, loss_rng),
     }
-    return updates, new_model_state, opt_state, logits, metrics, all_finite(grads)
+    return updates, new_model_state, opt_state, metrics, all_finite(grads)
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     images, labels = batch["image"], batch["label"]
@@ -444,12 +549,17 @@ def make_train_step(
       """Training-mode logits and new model state of micro-batch `index` (the same key in both passes)."""
       return apply_fn(params, state.model_state, images, train=True, rng=jax.random.fold_in(model_rng, index))
 
-    update = sharpness_aware_update if _calls_grad_fn(tx, state.opt_state, state.params) else plain_update
-    updates, new_model_state, opt_state, logits, metrics, finite = update(state, images, labels, forward, loss_rng)
-    if grad_accum_steps > 1:
-      logits = logits.reshape(-1, logits.shape[-1])
-      new_model_state = jax.tree.map(lambda x: x.mean(0), new_model_state)
-    metrics.update(first_pass_metrics(logits, labels, loss_rng), param_norm=global_norm(state.params))
+    if _calls_grad_fn(tx, state.opt_state, state.params):
+      update = sharpness_aware_update
+    elif perturbation_batch_fraction != 1:
+      raise ValueError(
+        f"make_train_step: perturbation_batch_fraction={perturbation_batch_fraction} needs a sharpness-aware tx"
+        " (aace_sam, sam); this tx takes one pass."
+      )
+    else:
+      update = plain_update
+    updates, new_model_state, opt_state, metrics, finite = update(state, images, labels, forward, loss_rng)
+    metrics["param_norm"] = global_norm(state.params)
     learning_rate = _learning_rate(opt_state)
     if learning_rate is not None:
       metrics["learning_rate"] = learning_rate

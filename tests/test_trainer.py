@@ -83,6 +83,18 @@ def test_interrupted_and_resumed_run_is_bit_identical(tmp_path):
     assert f.read().count("epoch,") == 1
 
 
+def test_cheaper_steps_resumed_in_the_middle_of_a_cycle_are_bit_identical(tmp_path):
+  # 22 steps an epoch: the halt after epoch 1 falls on the second step of a 3-step cycle.
+  cheaper = dict(perturb_every=3, perturbation_batch_fraction=0.5)
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(small_config(**cheaper), straight)
+  train.train_and_evaluate(small_config(halt_after_epochs=1, **cheaper), resumed)
+  train.train_and_evaluate(small_config(**cheaper), resumed)
+  assert_same_checkpoint(straight, resumed)
+  _, tree = latest_checkpoint(straight)
+  assert int(tree["opt_state"]["steps_since_perturbation"]) == 44 % 3
+
+
 def test_mock_cifar10_run(tmp_path):
   config = small_config(
     dataset="cifar10",
@@ -129,6 +141,11 @@ def test_learning_rate_schedule_is_the_authors():
     (dict(aace_threshold=1.5), r"field aace_threshold: aace_cross_entropy: threshold must lie in \[0.0, 1.0\]"),
     (dict(aace_mode="soft"), r"field aace_mode: aace_cross_entropy: mode must be one of"),
     (dict(label_smoothing=-0.1), r"field label_smoothing: cross_entropy: label_smoothing must lie in"),
+    (dict(perturb_every=0), r"field perturb_every: aace_sam: perturb_every must be a positive Python int.*got 0"),
+    (dict(perturbation_batch_fraction=0.0), r"perturbation_batch_fraction must lie in \(0, 1\], got 0.0"),
+    (dict(optimizer="sgd", perturb_every=2), "perturb_every and perturbation_batch_fraction apply to a sharpness"),
+    (dict(perturbation_batch_fraction=0.5, grad_accum_steps=64), "perturbation_batch_fraction=0.5 of the per-device"),
+    (dict(sync_perturbation=False, perturb_every=2), "would keep a different perturbation on each device"),
   ],
 )
 def test_bad_config_fails_before_writing(tmp_path, overrides, message):

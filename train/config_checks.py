@@ -140,6 +140,20 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
     ),
     (_at_least(config.grad_accum_steps, 1), f"grad_accum_steps must be >= 1, got {config.grad_accum_steps}"),
     (
+      _is_number(config.perturbation_batch_fraction) and 0 < config.perturbation_batch_fraction <= 1,
+      f"perturbation_batch_fraction must lie in (0, 1], got {config.perturbation_batch_fraction}",
+    ),
+    (
+      config.sync_perturbation or config.perturb_every == 1 or not config.reuse_perturbation,
+      "sync_perturbation=False with perturb_every > 1 and reuse_perturbation=True would keep a different"
+      " perturbation on each device; use sync_perturbation=True or reuse_perturbation=False",
+    ),
+    (
+      config.optimizer != "sgd" or (config.perturb_every == 1 and config.perturbation_batch_fraction == 1),
+      "perturb_every and perturbation_batch_fraction apply to a sharpness-aware optimizer, not sgd; got"
+      f" {config.perturb_every} and {config.perturbation_batch_fraction}",
+    ),
+    (
       _at_least(config.max_consecutive_skips, 1),
       f"max_consecutive_skips must be >= 1, got {config.max_consecutive_skips}",
     ),
@@ -182,6 +196,12 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
         f"the per-device batch {config.batch_size // device_count} does not split into"
         f" grad_accum_steps={config.grad_accum_steps} micro-batches",
       ),
+      (
+        _first_pass_splits(config, config.batch_size // device_count),
+        f"perturbation_batch_fraction={config.perturbation_batch_fraction} of the per-device batch"
+        f" {config.batch_size // device_count} does not split into grad_accum_steps={config.grad_accum_steps}"
+        " micro-batches",
+      ),
     ]
   for ok, message in checks:
     if not ok:
@@ -189,9 +209,19 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
   check_with_the_library(config)
 
 
+def _first_pass_splits(config, per_device_batch: int) -> bool:
+  """Whether the first pass's part of a device's batch (as `make_train_step` takes it) splits into micro-batches."""
+  if not _is_number(config.perturbation_batch_fraction) or not _at_least(config.grad_accum_steps, 1):
+    return True  # reported by the field's own check
+  examples = round(config.perturbation_batch_fraction * per_device_batch)
+  return examples >= config.grad_accum_steps and examples % config.grad_accum_steps == 0
+
+
 # The library's argument names, as the config calls them.
 LIBRARY_ARGUMENTS = {
   "rho": "rho",
+  "perturb_every": "perturb_every",
+  "reuse_perturbation": "reuse_perturbation",
   "normalize": "normalize",
   "max_perturbation_norm": "max_perturbation_norm",
   "threshold": "aace_threshold",

@@ -70,7 +70,11 @@ def create_training_method(config: ml_collections.ConfigDict, steps_per_epoch: i
   aace = functools.partial(aace_jax.aace_cross_entropy, **targets)
   aace_metrics = {"aace_kl": functools.partial(aace_jax.aace_kl_divergence, **targets), "aace_ce": aace}
   loss = functools.partial(aace_jax.cross_entropy, label_smoothing=config.label_smoothing)
-  perturbation = {"max_perturbation_norm": config.max_perturbation_norm}
+  perturbation = {
+    "max_perturbation_norm": config.max_perturbation_norm,
+    "perturb_every": config.perturb_every,
+    "reuse_perturbation": config.reuse_perturbation,
+  }
   if config.normalize is not None:
     perturbation["normalize"] = config.normalize
   if config.optimizer == "sgd":

@@ -274,7 +274,12 @@ class Experiment(NamedTuple):
     init_state: ``() ->`` the initial train state on the devices (compiles and
       runs the parameter init; a resumed run never calls it).
     totals: the initial epoch totals, on the devices.
-    train_step: ``(state, totals, batch) -> (state, totals, metrics)``, jitted.
+    train_step: ``(state, totals, batch) -> (state, totals, metrics)``, jitted:
+      the step that takes every pass of the method.
+    train_step_at: ``(step number) ->`` the jitted step to run at that step:
+      `train_step`, or with ``perturb_every=k > 1`` the one-pass step between
+      the k-th steps (two compiled steps chosen on the host, no conditional
+      on the device).
     train_step_shapes: ``() ->`` the shapes, dtypes and shardings of
       `train_step`'s arguments, to compile it before the state exists.
     train_batches: ``(epoch, start_step) ->`` the batches to give `train_step`, on the devices.
@@ -286,6 +291,7 @@ class Experiment(NamedTuple):
   init_state: Callable[[], aace_jax.TrainState]
   totals: dict
   train_step: Callable
+  train_step_at: Callable[[int], Callable]
   train_step_shapes: Callable[[], tuple]
   train_batches: Callable[[int, int], Iterator]
   eval_step: Callable
@@ -319,23 +325,31 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
 
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   batch_sharding = NamedSharding(mesh, P("data"))
-  sharded_train_step = aace_jax.shard_step(
-    aace_jax.make_train_step(
-      apply_fn,
-      method.tx,
-      perturbation_loss=method.perturbation_loss,
-      loss=method.loss,
-      axis_name="data",
-      sync_perturbation=config.sync_perturbation,
-      grad_accum_steps=config.grad_accum_steps,
-      extra_metrics=method.aace_metrics,
-    ),
-    mesh,
-  )
   sharded_eval_step = aace_jax.shard_step(aace_jax.make_eval_step(apply_fn, loss=method.loss, axis_name="data"), mesh)
-  host_fed_step, resident_step, eval_step = make_device_steps(
-    sharded_train_step, sharded_eval_step, data, seed=config.seed, batch_sharding=batch_sharding
-  )
+
+  def device_steps(new_perturbation):
+    sharded_train_step = aace_jax.shard_step(
+      aace_jax.make_train_step(
+        apply_fn,
+        method.tx,
+        perturbation_loss=method.perturbation_loss,
+        loss=method.loss,
+        axis_name="data",
+        sync_perturbation=config.sync_perturbation,
+        grad_accum_steps=config.grad_accum_steps,
+        perturbation_batch_fraction=config.perturbation_batch_fraction,
+        new_perturbation=new_perturbation,
+        extra_metrics=method.aace_metrics,
+      ),
+      mesh,
+    )
+    return make_device_steps(
+      sharded_train_step, sharded_eval_step, data, seed=config.seed, batch_sharding=batch_sharding
+    )
+
+  cycle = config.perturb_every if config.optimizer != "sgd" else 1
+  host_fed_step, resident_step, eval_step = device_steps(True if cycle > 1 else None)
+  host_fed_between, resident_between, _ = device_steps(False) if cycle > 1 else (None, None, None)
 
   def to_global(batch):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
@@ -351,7 +365,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
     def batch_shapes():
       return DeviceSplit(images, labels, jax.ShapeDtypeStruct((len(data.train),), jnp.int32, sharding=replicated))
 
-    train_step = resident_step
+    train_step, between_step = resident_step, resident_between
   else:
 
     def train_batches(epoch, start_step):
@@ -365,7 +379,10 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
         "label": jax.ShapeDtypeStruct((data.global_batch,), label.dtype, sharding=batch_sharding),
       }
 
-    train_step = host_fed_step
+    train_step, between_step = host_fed_step, host_fed_between
+
+  def train_step_at(step_number: int):
+    return train_step if step_number % cycle == 0 else between_step
 
   init_key, state_key = jax.random.split(jax.random.key(config.seed))
 
@@ -390,6 +407,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
     init_state=init_state,
     totals=totals,
     train_step=train_step,
+    train_step_at=train_step_at,
     train_step_shapes=lambda: (state_shapes, totals, batch_shapes()),
     train_batches=train_batches,
     eval_step=eval_step,
@@ -592,7 +610,7 @@ def train_loop(
         totals = reset_epoch_totals(totals)
       log = EpochLog(epoch, first, config, steps_per_epoch, show=is_writer)
       for index, batch in enumerate(experiment.train_batches(epoch, first), start=first):
-        state, totals, metrics = experiment.train_step(state, totals, batch)
+        state, totals, metrics = experiment.train_step_at(epoch * steps_per_epoch + index)(state, totals, batch)
         clock.after_step(metrics, show=is_writer)
         latest = log.after_step(index, metrics, totals)
         if latest is not None and latest["skip_streak"] >= config.max_consecutive_skips:

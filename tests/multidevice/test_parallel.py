@@ -172,3 +172,49 @@ def test_sharded_step_is_traced_once():
   state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
   run_shard({}, tx, state, make_batch(n=BATCH), 4, apply_fn=counting_apply)
   assert len(calls) == 2  # two passes, one trace
+
+
+CHEAPER = {
+  "reuse every 2": (dict(perturb_every=2), {}),
+  "plain steps between": (dict(perturb_every=2, reuse_perturbation=False), {}),
+  "first pass on a quarter": ({}, dict(perturbation_batch_fraction=0.25)),
+  "reuse with accumulation": (dict(perturb_every=3), dict(grad_accum_steps=2, perturbation_batch_fraction=0.5)),
+}
+
+
+@pytest.mark.parametrize("case", CHEAPER)
+def test_cheaper_steps_on_devices_equal_the_single_device_run(case):
+  tx_kwargs, step_kwargs = CHEAPER[case]
+  tx = aace_jax.aace_sam(optax.sgd(0.1, momentum=0.9), 0.2, **tx_kwargs)
+  batch = make_batch(n=BATCH)
+  state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
+  single_batch = batch
+  if "perturbation_batch_fraction" in step_kwargs:
+    # Each device's first pass takes the leading part of its own shard: the single-device
+    # reference gets the same examples first, by running on the batch reordered.
+    per_device = BATCH // DEVICES
+    first = round(step_kwargs["perturbation_batch_fraction"] * per_device)
+    order = np.concatenate(
+      [np.arange(d * per_device, d * per_device + first) for d in range(DEVICES)]
+      + [np.arange(d * per_device + first, (d + 1) * per_device) for d in range(DEVICES)]
+    )
+    single_batch = jax.tree.map(lambda x: x[order], batch)
+  single_step = jax.jit(aace_jax.make_train_step(mlp_apply, tx, **step_kwargs))
+  single = state
+  for _ in range(5):
+    single, _ = single_step(single, single_batch)
+  pmapped, _ = run_pmap(step_kwargs, tx, state, batch, 5)
+  sharded, _ = run_shard(step_kwargs, tx, state, batch, 5)
+  assert_trees_close(aace_jax.unreplicate(pmapped.params), single.params)
+  assert_trees_close(sharded.params, single.params)
+  assert np.abs(single.params["w1"] - mlp_params()["w1"]).max() > 1e-3
+
+
+def test_a_kept_perturbation_per_device_is_refused():
+  tx = aace_jax.aace_sam(optax.sgd(0.1), 0.2, perturb_every=2)
+  state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
+  with pytest.raises(ValueError, match="sync_perturbation=False with a kept perturbation"):
+    run_shard(dict(sync_perturbation=False), tx, state, make_batch(n=BATCH), 1)
+  plain = aace_jax.aace_sam(optax.sgd(0.1), 0.2, perturb_every=2, reuse_perturbation=False)
+  state = aace_jax.TrainState.create(params=mlp_params(), tx=plain, rng=jax.random.key(0))
+  run_shard(dict(sync_perturbation=False), plain, state, make_batch(n=BATCH), 2)  # nothing kept: allowed

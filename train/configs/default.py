@@ -42,6 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.normalize = config_dict.placeholder(bool)  # None: False for aace_sam, True for sam/asam
   config.max_perturbation_norm = config_dict.placeholder(float)  # None: unbounded (the paper); c: ||w_adv - w|| <= c
   config.sync_perturbation = True  # False: per-device perturbations (m-sharpness)
+  config.perturb_every = 1  # k > 1: a new perturbation every k steps, one pass on the steps between
+  config.reuse_perturbation = True  # between new perturbations: the kept one (True) or none (False: plain steps)
+  config.perturbation_batch_fraction = 1.0  # f < 1: the first pass on the first f of each device's batch
   config.aace_mode = "ada"  # ada | const | rand
   config.aace_threshold = 0.0
   config.label_smoothing = 0.0
