@@ -1,14 +1,20 @@
-"""Seconds per training step: SGD, SAM, AACE-SAM, and AACE-SAM built on optax.contrib.sam.
+"""Seconds per training step: SGD, SAM, AACE-SAM, AACE-SAM built on optax.contrib.sam, and AACE-SAM's cheaper steps.
 
-    python benchmarks/step_time.py --model wrn16_4 --batch 128 --steps 20 --json
+    python benchmarks/step_time.py --model wrn16_4 --batch 128 --steps 8 --json
     python benchmarks/step_time.py --model wrn28_10 --batch 256 --dtype bfloat16
 
 All methods use the same model, batch, dtype and data; the step is the full
-jitted `aace_jax.make_train_step` with buffers donated. Reported: the median
-wall time of `--steps` steps after two warm-up steps (compilation excluded),
-the methods timed round-robin in one process so that drifts of the machine hit
-all of them alike; and, where the backend reports it (GPU/TPU, not CPU), the
-peak device memory of each method measured alone in a child process.
+jitted `aace_jax.make_train_step` with buffers donated. The cheaper steps:
+`aace_sam_k{2,4,8}` computes a new perturbation every k steps and reuses it
+between (`perturb_every=k`, the two compiled steps the trainer alternates),
+`aace_sam_f{0.25,0.5}` takes the first pass on that part of the batch
+(`perturbation_batch_fraction`). Reported: seconds per step, the median over
+the `--steps` rounds after two warm-up steps (compilation excluded) of the
+mean step time of each complete k-step cycle (one step for the others), the
+methods timed round-robin, one step each per round, in one process so that
+drifts of the machine hit all of them alike; and, where the backend reports it
+(GPU/TPU, not CPU), the peak device memory of each method measured alone in a
+child process. `--methods` times a subset.
 """
 
 import argparse
@@ -21,22 +27,36 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-METHODS = ("sgd", "sam", "aace_sam", "optax_contrib_sam")
+METHODS = (
+  "sgd",
+  "sam",
+  "aace_sam",
+  "optax_contrib_sam",
+  "aace_sam_k2",
+  "aace_sam_k4",
+  "aace_sam_k8",
+  "aace_sam_f0.25",
+  "aace_sam_f0.5",
+)
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="wrn16_4", help="a model name of train/models.py")
   parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=20, help="timed steps per method")
+  parser.add_argument("--steps", type=int, default=8, help="timed steps per method (rounds)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="computation dtype")
   parser.add_argument("--image_size", type=int, default=32)
   parser.add_argument("--num_classes", type=int, default=100)
+  parser.add_argument("--methods", type=lambda text: text.split(","), default=list(METHODS), help="a subset, sgd first")
   parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
   parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # peak memory of one method, in a child
   args = parser.parse_args(argv)
   if args.batch < 1 or args.steps < 1:
     parser.error(f"--batch and --steps must be positive, got {args.batch} and {args.steps}")
+  unknown = [method for method in args.methods if method not in METHODS]
+  if unknown or args.methods[:1] != ["sgd"]:
+    parser.error(f"--methods must start with sgd and name methods of {METHODS}, got {','.join(args.methods)}")
   return args
 
 
@@ -58,7 +78,7 @@ def optax_contrib_aace_sam(optimizer, rho):
 
 
 def build_step(args, method):
-  """The jitted, donating train step of `method` and its initial state and batch."""
+  """The jitted, donating train steps of `method`, in the order of one cycle, and its initial state and batch."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -68,12 +88,16 @@ def build_step(args, method):
   from train import models
 
   base = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
+  every, fraction = 1, 1.0
+  if method.startswith("aace_sam_k"):
+    every = int(method.removeprefix("aace_sam_k"))
+  elif method.startswith("aace_sam_f"):
+    fraction = float(method.removeprefix("aace_sam_f"))
   tx, perturbation_loss = {
     "sgd": (base, aace_jax.aace_cross_entropy),
     "sam": (aace_jax.sam(base, 0.05), aace_jax.cross_entropy),
-    "aace_sam": (aace_jax.aace_sam(base, 0.2), aace_jax.aace_cross_entropy),
     "optax_contrib_sam": (optax_contrib_aace_sam(base, 0.2), aace_jax.aace_cross_entropy),
-  }[method]
+  }.get(method, (aace_jax.aace_sam(base, 0.2, perturb_every=every if every > 1 else None), aace_jax.aace_cross_entropy))
   model = models.create_model(args.model, args.num_classes, jnp.dtype(args.dtype))
   rng = np.random.default_rng(0)
   batch = {
@@ -84,11 +108,19 @@ def build_step(args, method):
   state = aace_jax.TrainState.create(
     params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(1)
   )
-  step = jax.jit(
-    aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx, perturbation_loss=perturbation_loss),
-    donate_argnums=0,
-  )
-  return step, state, batch
+
+  def compiled(new_perturbation=None):
+    step = aace_jax.make_train_step(
+      aace_jax.linen_apply_fn(model),
+      tx,
+      perturbation_loss=perturbation_loss,
+      perturbation_batch_fraction=fraction,
+      new_perturbation=new_perturbation,
+    )
+    return jax.jit(step, donate_argnums=0)
+
+  cycle = (compiled(),) if every == 1 else (compiled(True), *[compiled(False)] * (every - 1))
+  return cycle, state, batch
 
 
 def time_methods(args) -> dict:
@@ -100,16 +132,18 @@ def time_methods(args) -> dict:
   import jax
   import numpy as np
 
-  runs = {method: build_step(args, method) for method in METHODS}
+  runs = {method: build_step(args, method) for method in args.methods}
   states = {}
-  for method, (step, state, batch) in runs.items():
-    for _ in range(2):  # compile and warm up
+  for method, (cycle, state, batch) in runs.items():
+    for step in (cycle * 2)[:2]:  # compile (both steps of a cycle) and warm up
       state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     states[method] = state
-  times = {method: [] for method in METHODS}
-  for _ in range(args.steps):
-    for method, (step, _, batch) in runs.items():
+  times = {method: [] for method in args.methods}
+  for round_index in range(args.steps):
+    for method, (cycle, _, batch) in runs.items():
+      # A cycle's steps in order from its start: the warm-up took one or two.
+      step = cycle[(round_index + 2) % len(cycle)]
       start = time.perf_counter()
       states[method], metrics = step(states[method], batch)
       jax.block_until_ready((states[method], metrics))
@@ -119,17 +153,25 @@ def time_methods(args) -> dict:
     "backend": jax.default_backend(),
     "device": device.device_kind,
     "params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(states["sgd"].params))),
-    "results": {method: statistics.median(t) for method, t in times.items()},
+    "results": {method: per_step_seconds(times[method], len(runs[method][0])) for method in args.methods},
     "memory_reported": device.memory_stats() is not None,
   }
+
+
+def per_step_seconds(times: list, cycle: int) -> float:
+  """The median over complete cycles of their mean step time (with one-step cycles, the median step time)."""
+  cycles = [times[start : start + cycle] for start in range(0, len(times) - cycle + 1, cycle)]
+  if not cycles:
+    raise SystemExit(f"--steps {len(times)} holds no complete cycle of {cycle} steps: give at least {cycle}")
+  return statistics.median(sum(c) / cycle for c in cycles)
 
 
 def peak_memory_of_one_method(args) -> dict:
   """Peak device memory of a few steps of `args.method`, alone in this process."""
   import jax
 
-  step, state, batch = build_step(args, args.method)
-  for _ in range(3):
+  cycle, state, batch = build_step(args, args.method)
+  for step in (cycle * 3)[:3]:
     state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
   return {"peak_bytes": (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")}
@@ -137,9 +179,9 @@ def peak_memory_of_one_method(args) -> dict:
 
 def run_all(args) -> dict:
   report = time_methods(args)
-  peaks = {method: None for method in METHODS}
+  peaks = {method: None for method in args.methods}
   if report.pop("memory_reported"):
-    for method in METHODS:
+    for method in args.methods:
       command = [
         sys.executable,
         __file__,
@@ -181,11 +223,11 @@ def table(report: dict) -> str:
     "| method | s/step | x SGD | peak memory |",
     "| --- | --- | --- | --- |",
   ]
-  for method in METHODS:
+  for method, seconds in results.items():
     peak = "n/a" if peaks[method] is None else f"{peaks[method] / 2**30:.2f} GiB"
-    lines.append(f"| {method} | {results[method]:.4f} | {results[method] / results['sgd']:.2f} | {peak} |")
-  lines.append("")
-  lines.append(f"AACE-SAM / optax.contrib.sam: {results['aace_sam'] / results['optax_contrib_sam']:.3f}")
+    lines.append(f"| {method} | {seconds:.4f} | {seconds / results['sgd']:.2f} | {peak} |")
+  if {"aace_sam", "optax_contrib_sam"} <= set(results):
+    lines += ["", f"AACE-SAM / optax.contrib.sam: {results['aace_sam'] / results['optax_contrib_sam']:.3f}"]
   return "\n".join(lines)
 
 

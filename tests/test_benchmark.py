@@ -18,7 +18,7 @@ def test_step_time_json_report():
       "--batch",
       "8",
       "--steps",
-      "2",
+      "8",
       "--image_size",
       "8",
       "--num_classes",
@@ -32,9 +32,28 @@ def test_step_time_json_report():
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout)
   assert {"backend", "device", "model", "batch", "params", "results"} <= set(report)
-  assert set(report["results"]) == {"sgd", "sam", "aace_sam", "optax_contrib_sam"}
+  assert set(report["results"]) == {
+    "sgd",
+    "sam",
+    "aace_sam",
+    "optax_contrib_sam",
+    "aace_sam_k2",
+    "aace_sam_k4",
+    "aace_sam_k8",
+    "aace_sam_f0.25",
+    "aace_sam_f0.5",
+  }
   assert all(seconds > 0 for seconds in report["results"].values())
   assert report["model"] == "small_cnn" and report["batch"] == 8
+
+
+def test_a_cheaper_steps_time_is_the_mean_of_its_cycles():
+  sys.path.insert(0, str(SCRIPT.parent))
+  import step_time
+
+  # A full step of 3 s and three reuse steps of 1 s: 1.5 s a step, whatever step the rounds start on.
+  assert step_time.per_step_seconds([1, 1, 3, 1, 1, 1, 3, 1], 4) == 1.5
+  assert step_time.per_step_seconds([2.0, 9.0, 3.0], 1) == 3.0
 
 
 def test_bad_arguments_are_rejected():
