@@ -8,7 +8,8 @@ jitted `aace_jax.make_train_step` with buffers donated. The cheaper steps:
 `aace_sam_k{2,4,8}` computes a new perturbation every k steps and reuses it
 between (`perturb_every=k`, the two compiled steps the trainer alternates),
 `aace_sam_f{0.25,0.5}` takes the first pass on that part of the batch
-(`perturbation_batch_fraction`). Reported: seconds per step, the median over
+(`perturbation_batch_fraction`); `aace_sam_unguarded` is AACE-SAM without the
+non-finite guard (`skip_nonfinite=False`). Reported: seconds per step, the median over
 the `--steps` rounds after two warm-up steps (compilation excluded) of the
 mean step time of each complete k-step cycle (one step for the others), the
 methods timed round-robin, one step each per round, in one process so that
@@ -18,7 +19,9 @@ child process. `--methods` times a subset.
 """
 
 import argparse
+import concurrent.futures
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -32,6 +35,7 @@ METHODS = (
   "sam",
   "aace_sam",
   "optax_contrib_sam",
+  "aace_sam_unguarded",
   "aace_sam_k2",
   "aace_sam_k4",
   "aace_sam_k8",
@@ -116,6 +120,7 @@ def build_step(args, method):
       perturbation_loss=perturbation_loss,
       perturbation_batch_fraction=fraction,
       new_perturbation=new_perturbation,
+      skip_nonfinite=method != "aace_sam_unguarded",
     )
     return jax.jit(step, donate_argnums=0)
 
@@ -133,6 +138,10 @@ def time_methods(args) -> dict:
   import numpy as np
 
   runs = {method: build_step(args, method) for method in args.methods}
+  # XLA compiles outside Python's lock: every program at once, and each call finds its executable compiled.
+  programs = {id(step): (step, state, batch) for cycle, state, batch in runs.values() for step in cycle}
+  with concurrent.futures.ThreadPoolExecutor(min(len(programs), os.cpu_count() or 1)) as pool:
+    list(pool.map(lambda program: program[0].lower(*program[1:]).compile(), programs.values()))
   states = {}
   for method, (cycle, state, batch) in runs.items():
     for step in (cycle * 2)[:2]:  # compile (both steps of a cycle) and warm up
