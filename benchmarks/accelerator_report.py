@@ -403,7 +403,13 @@ def measure(args) -> dict:
 
 
 def gib(value) -> str:
-  return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
+  """Bytes in GiB, or MiB / KiB where that would read 0.00."""
+  if value is None:
+    return "n/a"
+  for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+    if abs(value) >= size / 100:
+      return f"{value / size:.2f} {unit}"
+  return f"{value / 2**10:.1f} KiB"
 
 
 def not_measured(part: dict) -> str:
@@ -427,6 +433,14 @@ def step_time_markdown(parts: dict) -> list:
     for method, seconds in results.items():
       lines.append(f"| {method} | {seconds:.4f} | {seconds / results['sgd']:.2f} | {gib(peaks.get(method))} |")
     lines.append("")
+    if peaks.get("aace_sam") is not None and peaks.get("sgd") is not None:
+      extra, one_copy = peaks["aace_sam"] - peaks["sgd"], 4 * part["params"]
+      verdict = "within" if extra <= one_copy else "above"
+      lines += [
+        f"AACE-SAM's peak memory is SGD's plus {gib(extra)}, {verdict} one float32 copy of the parameters"
+        f" ({gib(one_copy)}).",
+        "",
+      ]
     if "aace_sam_unguarded" in results:
       guard = results["aace_sam"] / results["aace_sam_unguarded"]
       lines += [f"The non-finite guard: AACE-SAM with it / without it = {guard:.3f}.", ""]
@@ -439,8 +453,8 @@ def mfu_markdown(part: dict) -> list:
     return lines + [not_measured(part), ""]
   mfu = "n/a (no peak rate known for this device)" if part["mfu"] is None else f"{100 * part['mfu']:.1f}%"
   lines += [
-    f"{part['flops_per_step'] / 1e12:.3f} TFLOP per step (XLA's cost analysis), {part['seconds_per_step']:.4f} s per"
-    f" step: {part['tflops_per_second']:.1f} TFLOP/s, MFU {mfu} against {part['peak_tflops'] or 'n/a'} TFLOP/s.",
+    f"{part['flops_per_step'] / 1e12:.3g} TFLOP per step (XLA's cost analysis), {part['seconds_per_step']:.4g} s per"
+    f" step: {part['tflops_per_second']:.3g} TFLOP/s, MFU {mfu} against {part['peak_tflops'] or 'n/a'} TFLOP/s.",
     "The most expensive ops of a `jax.profiler` trace of three steps (share of the traced op time):",
     "",
   ]
@@ -489,7 +503,9 @@ def first_step_markdown(parts: dict) -> list:
       continue
     for phase in ("compile_seconds", "init_seconds", "ready_seconds", "step_seconds", "first_step_seconds"):
       rows.append(f"| {model}, {part['batch']} | {phase} | {part['cold'][phase]} | {part['cached'][phase]} |")
-  return lines + (rows + [""] if len(rows) > 2 else [])
+  if len(rows) > 2:
+    rows += ["", "A resumed run pays the cached column less `init_seconds`: it restores the checkpoint instead.", ""]
+  return lines + (rows if len(rows) > 2 else [])
 
 
 def vs_pytorch_markdown(part: dict) -> list:
