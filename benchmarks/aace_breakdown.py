@@ -52,8 +52,9 @@ def trace(config, epochs: int) -> dict:
   state, totals = experiment.init_state(), experiment.totals
   steps = {name: [] for name in RECORDED}
   for epoch in range(epochs):
-    for batch in experiment.train_batches(epoch, 0):
-      state, totals, metrics = experiment.train_step(state, totals, batch)
+    for index, batch in enumerate(experiment.train_batches(epoch, 0)):
+      step_number = epoch * experiment.data.steps_per_epoch + index
+      state, totals, metrics = experiment.train_step_at(step_number)(state, totals, batch)
       values = jax.device_get({name: metrics[name] for name in RECORDED})
       for name in RECORDED:
         steps[name].append(float(values[name]))

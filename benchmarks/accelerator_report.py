@@ -62,21 +62,12 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+import step_time  # noqa: E402 (a sibling script, importable once its folder is on the path)
+
 PARTS = ("step_time", "mfu", "norms", "trainer", "first_step", "vs_pytorch")
 BEGIN, END = "<!-- accelerator-report:begin -->", "<!-- accelerator-report:end -->"
 INSTALL = 'pip install -U "jax[cuda12]" -e ".[train]"  (and, for the PyTorch part, pip install torch)'
-STEP_METHODS = (
-  "sgd",
-  "sam",
-  "aace_sam",
-  "optax_contrib_sam",
-  "aace_sam_unguarded",
-  "aace_sam_k2",
-  "aace_sam_k4",
-  "aace_sam_k8",
-  "aace_sam_f0.25",
-  "aace_sam_f0.5",
-)
+STEP_METHODS = step_time.METHODS
 FULL_BUDGET = 480.0  # seconds: the sizes below are for this budget
 
 # The sizes of every part: the paper's models on an accelerator, the smallest that run the same code on a CPU.
@@ -162,8 +153,6 @@ def preflight() -> dict:
 
 def build_aace_sam_step(sizes: dict, dtype: str):
   """The bfloat16 AACE-SAM train step of step_time.py, jitted, with its state and batch."""
-  import step_time
-
   args = argparse.Namespace(
     model=sizes["model"],
     batch=sizes["batch"],
