@@ -290,10 +290,10 @@ def test_second_process_loads_the_compiled_steps_from_the_cache(tmp_path):
   assert sorted(p.name for p in cache.iterdir()) == entries  # nothing compiled anew
 
 
-@pytest.mark.parametrize("data_on_device", [False, True])
-def test_train_step_compiles_once_beside_the_init_or_restore(tmp_path, data_on_device):
-  """The step compiles from the state's shapes in a thread while the state initializes or is restored; the
-  first step then finds it compiled."""
+@pytest.mark.parametrize("data_on_device, perturb_every", [(False, 1), (True, 1), (False, 3)])
+def test_train_step_compiles_once_beside_the_init_or_restore(tmp_path, data_on_device, perturb_every):
+  """The step (both steps, with perturb_every > 1) compiles from the state's shapes in a thread while the state
+  initializes or is restored; the first step then finds it compiled."""
   step_name = "jit(resident_step)" if data_on_device else "jit(host_fed_step)"
   compiling_threads = []
 
@@ -303,11 +303,12 @@ def test_train_step_compiles_once_beside_the_init_or_restore(tmp_path, data_on_d
 
   jax.monitoring.register_event_duration_secs_listener(record)
   try:
-    config = small_config(data_on_device=data_on_device, halt_after_epochs=1)
+    config = small_config(data_on_device=data_on_device, halt_after_epochs=1, perturb_every=perturb_every)
     for run in ("new", "resumed"):
       compiling_threads.clear()
       train.train_and_evaluate(config, str(tmp_path))
-      assert len(compiling_threads) == 1 and compiling_threads[0].startswith("compile_train_step"), run
+      assert len(compiling_threads) == (1 if perturb_every == 1 else 2), run
+      assert all(thread.startswith("compile_train_step") for thread in compiling_threads), run
   finally:
     jax.monitoring.unregister_event_duration_listener(record)
   assert read_csv(tmp_path)[-1]["epoch"] == "1"  # the second run resumed

@@ -547,7 +547,7 @@ def breakdown_warning(row: dict, config: ml_collections.ConfigDict) -> Optional[
 
 
 def compile_train_step_ahead(experiment: Experiment) -> concurrent.futures.Future:
-  """Traces and lowers the train step from its arguments' shapes, then compiles it in a thread.
+  """Traces and lowers the train step (both, with perturb_every > 1) from its arguments' shapes; compiles in a thread.
 
   Returns once the compile has started: the state is initialized or restored
   meanwhile, since XLA compiles outside Python's lock (PyramidNet-272's init
@@ -558,9 +558,10 @@ def compile_train_step_ahead(experiment: Experiment) -> concurrent.futures.Futur
   caches and compiles nothing. Wait on the future before the first step: a
   step called while the compile runs would compile it a second time.
   """
-  lowered = experiment.train_step.trace(*experiment.train_step_shapes()).lower()
+  steps = {id(step): step for step in (experiment.train_step, experiment.train_step_at(1))}
+  lowered = [step.trace(*experiment.train_step_shapes()).lower() for step in steps.values()]
   executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile_train_step")
-  compiling = executor.submit(lowered.compile)
+  compiling = executor.submit(lambda: [program.compile() for program in lowered])
   executor.shutdown(wait=False)
   return compiling
 
