@@ -44,11 +44,21 @@ def test_all_finite_finds_one_bad_entry_in_any_floating_leaf(bad):
   assert bool(all_finite({}))
 
 
-def test_one_reduction_however_many_leaves():
+def test_one_reduction_however_many_leaves_on_a_lone_cpu_device():
   # XLA compiles each reduction as a kernel of its own: a norm or a check
-  # per leaf made a deep network's step thousands of kernels longer.
+  # per leaf made a deep network's step thousands of kernels longer on a CPU.
+  assert jax.default_backend() == "cpu" and jax.device_count() == 1  # where the suite runs
   tree = [jnp.ones((i + 1, 3)) for i in range(50)]
   for fn in (global_norm, all_finite):
     primitives = [eqn.primitive.name for eqn in jax.make_jaxpr(fn)(tree).jaxpr.eqns]
     reductions = [p for p in primitives if p.startswith("reduce_")]
     assert len(reductions) == 1, (fn.__name__, primitives)
+
+
+def test_leaf_by_leaf_gives_the_same_norm_with_one_reduction_per_leaf():
+  tree = mixed_tree()
+  entries = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+  np.testing.assert_allclose(global_norm(tree, concatenate=False), np.sqrt(np.sum(entries**2)), rtol=1e-6)
+  leaves = [jnp.ones((i + 1, 3)) for i in range(5)]
+  primitives = [eqn.primitive.name for eqn in jax.make_jaxpr(lambda t: global_norm(t, concatenate=False))(leaves).jaxpr.eqns]
+  assert primitives.count("reduce_sum") == 5 and "concatenate" not in primitives

@@ -218,3 +218,59 @@ def test_a_kept_perturbation_per_device_is_refused():
   plain = aace_jax.aace_sam(optax.sgd(0.1), 0.2, perturb_every=2, reuse_perturbation=False)
   state = aace_jax.TrainState.create(params=mlp_params(), tx=plain, rng=jax.random.key(0))
   run_shard(dict(sync_perturbation=False), plain, state, make_batch(n=BATCH), 2)  # nothing kept: allowed
+
+
+def fsdp_params():
+  """Six parameter vectors, each sharded over all 8 devices along its only axis (FSDP)."""
+  mesh = jax.make_mesh((DEVICES,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+  rng = np.random.default_rng(0)
+  vectors = [jnp.asarray(rng.normal(size=8 * 64 * (i + 1)), jnp.float32) for i in range(6)]
+  params = {f"w{i}": jax.device_put(vector, sharding) for i, vector in enumerate(vectors)}
+  return params, sharding
+
+
+@pytest.mark.parametrize("make", [aace_jax.aace_sam, aace_jax.sam])
+@pytest.mark.parametrize("perturb_every", [None, 2])
+def test_the_update_of_sharded_parameters_gathers_nothing(make, perturb_every):
+  params, sharding = fsdp_params()
+  tx = make(optax.sgd(0.1, momentum=0.9), perturb_every=perturb_every)
+  state = tx.init(params)  # the optimizer state of parameter-shaped leaves is sharded like them
+  grad_fn = lambda w: jax.tree.map(lambda x: 2.0 * x, w)  # elementwise: needs no communication
+
+  def update(grads, state, params):
+    updates, state = tx.update(grads, state, params, grad_fn=grad_fn)
+    return optax.apply_updates(params, updates), state
+
+  grads = jax.tree.map(lambda x: 0.5 * x, params)
+  compiled = jax.jit(update).lower(grads, state, params).compile()
+  hlo = compiled.as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+  new_params, new_state = compiled(grads, state, params)
+  for name, leaf in new_params.items():
+    assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), name
+  sharded = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(new_state) if leaf.ndim]
+  assert len(sharded) == 6 * (2 if perturb_every else 1)  # momentum, and the kept perturbation
+  for path, leaf in sharded:
+    assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), path
+  # The numbers equal those of the same update on one device's copy of everything.
+  local = jax.device_get((grads, state, params))
+  expected_params, _ = jax.jit(update, backend="cpu")(*local)
+  assert_trees_close(new_params, expected_params)
+  # init takes shapes alone (jax.eval_shape, or ShapeDtypeStruct leaves directly).
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  assert jax.tree.structure(tx.init(shapes)) == jax.tree.structure(state)
+
+
+def test_norms_and_checks_of_sharded_leaves_reduce_leaf_by_leaf():
+  from aace_jax import _norms
+
+  params, _ = fsdp_params()
+  assert not _norms.concatenates()  # several devices: no concatenation
+  entries = np.concatenate([np.asarray(x, np.float64) for x in jax.tree.leaves(params)])
+  np.testing.assert_allclose(jax.jit(_norms.global_norm)(params), np.sqrt(np.sum(entries**2)), rtol=1e-6)
+  assert bool(jax.jit(_norms.all_finite)(params))
+  spoiled = {**params, "w3": params["w3"].at[5].set(jnp.inf)}
+  assert not bool(jax.jit(_norms.all_finite)(spoiled))
+  hlo = jax.jit(_norms.global_norm).lower(params).compile().as_text()
+  assert "all-gather" not in hlo
