@@ -60,5 +60,6 @@ def test_leaf_by_leaf_gives_the_same_norm_with_one_reduction_per_leaf():
   entries = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
   np.testing.assert_allclose(global_norm(tree, concatenate=False), np.sqrt(np.sum(entries**2)), rtol=1e-6)
   leaves = [jnp.ones((i + 1, 3)) for i in range(5)]
-  primitives = [eqn.primitive.name for eqn in jax.make_jaxpr(lambda t: global_norm(t, concatenate=False))(leaves).jaxpr.eqns]
+  jaxpr = jax.make_jaxpr(lambda t: global_norm(t, concatenate=False))(leaves).jaxpr
+  primitives = [eqn.primitive.name for eqn in jaxpr.eqns]
   assert primitives.count("reduce_sum") == 5 and "concatenate" not in primitives
