@@ -8,8 +8,10 @@ jitted `aace_jax.make_train_step` with buffers donated. The cheaper steps:
 `aace_sam_k{2,4,8}` computes a new perturbation every k steps and reuses it
 between (`perturb_every=k`, the two compiled steps the trainer alternates),
 `aace_sam_f{0.25,0.5}` takes the first pass on that part of the batch
-(`perturbation_batch_fraction`); `aace_sam_unguarded` is AACE-SAM without the
-non-finite guard (`skip_nonfinite=False`). Reported: seconds per step, the median over
+(`perturbation_batch_fraction`); `aace_sam_k4_cond` is `perturb_every=4` as
+one program whose first pass sits in a `jax.lax.cond` (the library's default);
+`aace_sam_unguarded` is AACE-SAM without the non-finite guard
+(`skip_nonfinite=False`). Reported: seconds per step, the median over
 the `--steps` rounds after two warm-up steps (compilation excluded) of the
 mean step time of each complete k-step cycle (one step for the others), the
 methods timed round-robin, one step each per round, in one process so that
@@ -39,6 +41,7 @@ METHODS = (
   "aace_sam_k2",
   "aace_sam_k4",
   "aace_sam_k8",
+  "aace_sam_k4_cond",
   "aace_sam_f0.25",
   "aace_sam_f0.5",
 )
@@ -94,7 +97,7 @@ def build_step(args, method):
   base = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
   every, fraction = 1, 1.0
   if method.startswith("aace_sam_k"):
-    every = int(method.removeprefix("aace_sam_k"))
+    every = int(method.removeprefix("aace_sam_k").removesuffix("_cond"))
   elif method.startswith("aace_sam_f"):
     fraction = float(method.removeprefix("aace_sam_f"))
   tx, perturbation_loss = {
@@ -124,7 +127,12 @@ def build_step(args, method):
     )
     return jax.jit(step, donate_argnums=0)
 
-  cycle = (compiled(),) if every == 1 else (compiled(True), *[compiled(False)] * (every - 1))
+  if every == 1:
+    cycle = (compiled(),)
+  elif method.endswith("_cond"):  # one program: its state's counter decides, on the device
+    cycle = (compiled(),) * every
+  else:
+    cycle = (compiled(True), *[compiled(False)] * (every - 1))
   return cycle, state, batch
 
 
