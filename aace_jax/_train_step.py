@@ -280,7 +280,8 @@ def make_train_step(
   computes a new perturbation, with no conditional: a caller that knows the
   step number on the host alternates the two compiled steps (XLA's CPU
   backend runs the backward convolutions inside a conditional far slower
-  than outside one, and a GPU reads a conditional's predicate on the host).
+  than outside one, and XLA's GPU runtime may copy a conditional's
+  predicate to the host before it picks a branch).
 
   Non-finite steps (``skip_nonfinite``): if the perturbation gradient, the
   final gradient, or the state the step would produce (parameters, optimizer
