@@ -226,7 +226,7 @@ def build_jax(args, implementation: str, method: str):
     num_classes=args.num_classes,
     dtype="bfloat16" if implementation == "jax_bf16" else "float32",
   )
-  step, state, batch = step_time.build_step(step_args, method)
+  (step,), state, batch = step_time.build_step(step_args, method)  # sgd, sam, aace_sam: one step a cycle
   # One compile serves both the cost analysis and the timed steps (the jitted
   # step would compile again on its first call).
   compiled = step.lower(state, batch).compile()

@@ -53,8 +53,12 @@ def run_dry(command: str):
   assert result.returncode == 0, f"{command}\n{result.stderr[-2000:]}"
 
 
-# Commands that need the network or a TPU, named in the docs of TFDS and JAX: not run here.
-NOT_RUN_HERE = ("pip install tensorflow tensorflow-datasets", 'pip install -U "jax[tpu]"')
+# Commands that need the network, a TPU or a GPU, named in the docs of TFDS and JAX: not run here.
+NOT_RUN_HERE = (
+  "pip install tensorflow tensorflow-datasets",
+  'pip install -U "jax[tpu]"',
+  'pip install -U "jax[cuda12]" -e ".[train]"',  # the accelerator report's install, on a GPU machine
+)
 
 
 @pytest.mark.parametrize("line", SHELL_LINES)
@@ -97,6 +101,7 @@ def test_shell_command(line):
       "benchmarks/input_pipeline.py",
       "benchmarks/first_step.py",
       "benchmarks/vs_pytorch.py",
+      "benchmarks/accelerator_report.py",
     ):
       sys.path.insert(0, str(REPO / "benchmarks"))
       script = importlib.import_module(pathlib.Path(words[1]).stem)
