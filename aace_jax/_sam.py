@@ -67,12 +67,17 @@ class SAMState(NamedTuple):
   kept_perturbation: Any = ()
 
 
-def _sam_states(opt_state: optax.OptState) -> list[SAMState]:
-  """The :class:`SAMState` nodes of `opt_state`, outermost first, nested ones included."""
+def find_states(opt_state: optax.OptState, kind) -> list:
+  """The states of type `kind` (a class or a tuple of them) in `opt_state`, outermost first, nested ones included."""
   found = []
-  for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SAMState)):
-    if isinstance(node, SAMState):
-      found += [node, *_sam_states(node.inner_state)]
+
+  def visit(tree):
+    for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind)):
+      if isinstance(node, kind):
+        found.append(node)
+        visit(tuple(node))  # an injected optimizer inside an injected one, an inner SAMState
+
+  visit(opt_state)
   return found
 
 
@@ -84,7 +89,7 @@ def perturbation_due(opt_state: optax.OptState) -> Optional[jax.Array]:
   there is none: a train step skips its first pass when it is False, since
   the update then ignores the first-pass gradient it receives.
   """
-  for node in _sam_states(opt_state):
+  for node in find_states(opt_state, SAMState):
     if not isinstance(node.steps_since_perturbation, tuple):
       return node.steps_since_perturbation == 0
   return None
@@ -113,7 +118,7 @@ def with_perturbation_due(opt_state: optax.OptState, due: bool) -> optax.OptStat
 
 def keeps_perturbation(opt_state: optax.OptState) -> bool:
   """Whether a :class:`SAMState` in `opt_state` keeps a perturbation between updates (reuse, ``k > 1``)."""
-  return any(not isinstance(node.kept_perturbation, tuple) for node in _sam_states(opt_state))
+  return any(not isinstance(node.kept_perturbation, tuple) for node in find_states(opt_state, SAMState))
 
 
 def _refuse_wrappers(owner: str, params) -> None:

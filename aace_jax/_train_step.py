@@ -151,7 +151,7 @@ def _calls_grad_fn(tx, opt_state, params) -> bool:
   decided by an abstract trace of `tx.update` at trace time (no compiled
   work, no cost per step, but a few seconds of tracing for a deep network).
   """
-  if _find_states(opt_state, _sam.SAMState):
+  if _sam.find_states(opt_state, _sam.SAMState):
     return True
   called = []
 
@@ -165,22 +165,8 @@ def _calls_grad_fn(tx, opt_state, params) -> bool:
   return bool(called)
 
 
-def _find_states(opt_state, kind) -> list:
-  """The states of type `kind` in `opt_state`, outermost first, nested ones included."""
-  found = []
-
-  def visit(tree):
-    for node in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, kind)):
-      if isinstance(node, kind):
-        found.append(node)
-        visit(tuple(node))  # an injected optimizer inside an injected one
-
-  visit(opt_state)
-  return found
-
-
 def _learning_rate(opt_state) -> Optional[jax.Array]:
-  for state in _find_states(opt_state, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)):
+  for state in _sam.find_states(opt_state, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)):
     if "learning_rate" in state.hyperparams:
       return jnp.asarray(state.hyperparams["learning_rate"], jnp.float32)
   return None
@@ -486,7 +472,7 @@ def make_train_step(
       return average(value), average(perturbed_grads)
 
     updates, opt_state = tx.update(grads, opt_state, state.params, grad_fn=grad_fn)
-    sam_states = _find_states(opt_state, _sam.SAMState)
+    sam_states = _sam.find_states(opt_state, _sam.SAMState)
     missing = jnp.full([], jnp.nan, jnp.float32)
     sam_state = sam_states[0] if sam_states else None
     metrics = {
@@ -538,7 +524,7 @@ def make_train_step(
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
     images, labels = batch["image"], batch["label"]
-    if _find_states(state.opt_state, optax.MultiStepsState):
+    if _sam.find_states(state.opt_state, optax.MultiStepsState):
       raise ValueError(
         "make_train_step: optax.MultiSteps is not supported here (it would perturb with the mean"
         " gradient and update with the last micro-batch's); accumulate gradients with"
