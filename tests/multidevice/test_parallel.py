@@ -56,6 +56,13 @@ def run_shard(step_kwargs, tx, state, batch, steps, apply_fn=mlp_apply):
   return state, metrics
 
 
+def run_single(step_kwargs, tx, state, batch, steps, apply_fn=mlp_apply):
+  step = jax.jit(aace_jax.make_train_step(apply_fn, tx, **step_kwargs))
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+  return state, metrics
+
+
 def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-6):
   jax.tree.map(
     lambda a, e: np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol), actual, expected
@@ -71,10 +78,7 @@ def test_synchronized_perturbation_equals_one_big_batch(method):
   kwargs = dict(perturbation_loss=perturbation_loss, sync_perturbation=True)
   state = aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
 
-  single_step = jax.jit(aace_jax.make_train_step(mlp_apply, tx, **kwargs))
-  single = state
-  for _ in range(3):
-    single, single_metrics = single_step(single, batch)
+  single, single_metrics = run_single(kwargs, tx, state, batch, 3)
   pmapped, pmap_metrics = run_pmap(kwargs, tx, state, batch, 3)
   sharded, shard_metrics = run_shard(kwargs, tx, state, batch, 3)
 
@@ -199,10 +203,7 @@ def test_cheaper_steps_on_devices_equal_the_single_device_run(case):
       + [np.arange(d * per_device + first, (d + 1) * per_device) for d in range(DEVICES)]
     )
     single_batch = jax.tree.map(lambda x: x[order], batch)
-  single_step = jax.jit(aace_jax.make_train_step(mlp_apply, tx, **step_kwargs))
-  single = state
-  for _ in range(5):
-    single, _ = single_step(single, single_batch)
+  single, _ = run_single(step_kwargs, tx, state, single_batch, 5)
   pmapped, _ = run_pmap(step_kwargs, tx, state, batch, 5)
   sharded, _ = run_shard(step_kwargs, tx, state, batch, 5)
   assert_trees_close(aace_jax.unreplicate(pmapped.params), single.params)
