@@ -16,6 +16,7 @@ from aace_jax._parallel import shard_step
 from aace_jax._parallel import unreplicate
 from aace_jax._sam import SAMState
 from aace_jax._sam import aace_sam
+from aace_jax._sam import named_weights
 from aace_jax._sam import sam
 from aace_jax._train_step import ApplyFn
 from aace_jax._train_step import Step
@@ -41,6 +42,7 @@ __all__ = (
   "linen_apply_fn",
   "make_eval_step",
   "make_train_step",
+  "named_weights",
   "nnx_apply_fn",
   "nnx_sharpness_aware_grads",
   "nnx_split",

@@ -39,7 +39,7 @@ class SAMState(NamedTuple):
     inner_state: the state of the wrapped optimizer.
     perturbation_grad_norm: the global L2 norm of the perturbation-loss
       gradient ``g`` (after averaging over ``batch_axis_name``), or of
-      ``|w| * g`` when ``adaptive=True``, as the authors log ``grad_norm``.
+      ``T * g`` when ``adaptive=True``, as the authors log ``grad_norm``.
     perturbation_norm: the global L2 norm of the perturbation
       ``w_adv - w`` actually applied, the authors' ``ew_norm`` (measured after
       ``w_adv`` is rounded to the parameters' dtype, so a perturbation that
@@ -152,33 +152,47 @@ def _refuse_wrappers(owner: str, params) -> None:
     frame = frame.f_back
 
 
-def _resolve_mask(owner: str, perturb_mask: Optional[PerturbMask], params):
-  """`perturb_mask` as a tree of Python bools shaped like `params` (None: all True).
+def named_weights(params) -> Any:
+  """True for every leaf of `params` but those named ``bias``: the leaves ASAM's authors scale.
+
+  Their code scales the parameters whose name holds ``weight`` (PyTorch's
+  kernels and normalization scales) and leaves the biases alone; in Flax
+  those are the leaves named ``kernel``, ``scale`` or ``embedding``, and the
+  biases are named ``bias``.
+  """
+
+  def name(key) -> str:
+    return str(getattr(key, "key", getattr(key, "name", "")))
+
+  return jax.tree_util.tree_map_with_path(lambda path, _: not path or name(path[-1]) != "bias", params)
+
+
+def _resolve_mask(owner: str, name: str, mask: Optional[PerturbMask], params):
+  """A mask argument (`perturb_mask`, `adaptive_mask`) as a tree of Python bools shaped like `params` (None: all True).
 
   A mask given as a tree was checked when the transformation was built; one
   computed from `params` is checked here.
   """
-  if perturb_mask is None:
+  if mask is None:
     return jax.tree.map(lambda _: True, params)
-  mask = perturb_mask
-  if callable(perturb_mask):
-    mask = perturb_mask(params)
-    _check_mask_leaves(owner, mask)
+  if callable(mask):
+    mask = mask(params)
+    _check_mask_leaves(owner, name, mask)
   try:
     # A mask may be a prefix of the parameter tree, as for optax.masked.
     return jax.tree.map(lambda m, p: jax.tree.map(lambda _: m, p), mask, params)
   except ValueError as error:
     raise ValueError(
-      f"{owner}: perturb_mask must have the structure of params (or a prefix of it):"
+      f"{owner}: {name} must have the structure of params (or a prefix of it):"
       f" {jax.tree.structure(mask)} against {jax.tree.structure(params)}."
     ) from error
 
 
-def _check_mask_leaves(owner: str, mask) -> None:
+def _check_mask_leaves(owner: str, name: str, mask) -> None:
   for path, value in jax.tree_util.tree_leaves_with_path(mask):
     if not isinstance(value, bool):
       raise TypeError(
-        f"{owner}: perturb_mask's leaves must be Python bools (the mask is static),"
+        f"{owner}: {name}'s leaves must be Python bools (the mask is static),"
         f" got {value!r} at {jax.tree_util.keystr(path)}."
       )
 
@@ -250,6 +264,8 @@ def _sharpness_aware(
   ascent: bool,
   normalize: bool,
   adaptive: bool,
+  adaptive_eta,
+  adaptive_mask: Optional[PerturbMask],
   eps,
   max_perturbation_norm,
   perturb_mask: Optional[PerturbMask],
@@ -262,6 +278,7 @@ def _sharpness_aware(
     raise TypeError(f"{owner}: optimizer must be an optax.GradientTransformation, got {optimizer!r}.")
   _checks.check_in_range(owner, "rho", rho, 0.0, float("inf"))
   _checks.check_in_range(owner, "eps", eps, 0.0, float("inf"))
+  _checks.check_in_range(owner, "adaptive_eta", adaptive_eta, 0.0, float("inf"))
   if max_perturbation_norm is not None:
     _checks.check_in_range(owner, "max_perturbation_norm", max_perturbation_norm, 0.0, float("inf"))
   for name, flag in (("normalize", normalize), ("adaptive", adaptive), ("reuse_perturbation", reuse_perturbation)):
@@ -274,8 +291,9 @@ def _sharpness_aware(
       f" in static_args), got {perturb_every!r}."
     )
   keeps = perturb_every > 1 and reuse_perturbation
-  if perturb_mask is not None and not callable(perturb_mask):
-    _check_mask_leaves(owner, perturb_mask)
+  for name, mask in (("perturb_mask", perturb_mask), ("adaptive_mask", adaptive_mask)):
+    if mask is not None and not callable(mask):
+      _check_mask_leaves(owner, name, mask)
   inner = optax.with_extra_args_support(optimizer)
   sign = 1.0 if ascent else -1.0
 
@@ -310,8 +328,10 @@ def _sharpness_aware(
     if params is None:
       raise ValueError(f"{owner}.update needs params: the perturbation is applied to them.")
     _refuse_wrappers(owner, params)
-    mask = _resolve_mask(owner, perturb_mask, params)
+    mask = _resolve_mask(owner, "perturb_mask", perturb_mask, params)
     _warn_if_rounded_away(owner, params, mask)
+    if adaptive:
+      scaled = _resolve_mask(owner, "adaptive_mask", named_weights if adaptive_mask is None else adaptive_mask, params)
 
     def fresh_perturbation():
       """w_adv from this update's first-pass gradient, and the norm of the gradient it came from."""
@@ -321,11 +341,12 @@ def _sharpness_aware(
       # Unperturbed leaves drop out of the direction and of its norm.
       grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
       if adaptive:
-        # ASAM: the step is T^2 g / ||T g|| with T = |w|.
-        grads = jax.tree.map(lambda g, w: g * jnp.abs(w).astype(g.dtype), grads, params)
+        # ASAM: the step is T^2 g / ||T g||, T = |w| + eta on the scaled leaves and 1 on the others.
+        scale_by_t = lambda g, w, t: g * (jnp.abs(upcast(w)) + adaptive_eta).astype(g.dtype) if t else g
+        grads = jax.tree.map(scale_by_t, grads, params, scaled)
       grad_norm = global_norm(grads)
       if adaptive:
-        grads = jax.tree.map(lambda g, w: g * jnp.abs(w).astype(g.dtype), grads, params)
+        grads = jax.tree.map(scale_by_t, grads, params, scaled)
       scale = sign * rho
       if normalize:
         denominator = grad_norm + eps
@@ -385,6 +406,8 @@ def aace_sam(
   *,
   normalize: bool = False,
   adaptive: bool = False,
+  adaptive_eta: jax.typing.ArrayLike = 0.01,
+  adaptive_mask: Optional[PerturbMask] = None,
   eps: jax.typing.ArrayLike = 1e-12,
   max_perturbation_norm: Optional[jax.typing.ArrayLike] = None,
   perturb_mask: Optional[PerturbMask] = None,
@@ -403,8 +426,12 @@ def aace_sam(
     s = \begin{cases} \|T g\| + \epsilon & \text{normalize} \\
                       1 & \text{otherwise} \end{cases}
 
-  with :math:`T = |w|` element-wise when ``adaptive`` (ASAM) and :math:`T = 1`
-  otherwise; with ``max_perturbation_norm`` :math:`c`, a perturbation
+  with :math:`T = 1` or, when ``adaptive`` (ASAM), the element-wise
+  :math:`T = |w| + \eta` on the leaves ``adaptive_mask`` selects and
+  :math:`T = 1` on the others, as ASAM's authors' code does: without
+  :math:`\eta` a leaf that starts at zero (a bias, a BatchNorm shift, a
+  zero-initialized head) would never be perturbed; with``
+  max_perturbation_norm`` :math:`c`, ``max_perturbation_norm`` :math:`c`, a perturbation
   :math:`e = w_{adv} - w` longer than :math:`c` is scaled to length :math:`c`.
   It then calls ``grad_fn(w_adv)`` for the training-loss gradient
   :math:`\nabla_w L_{\mathrm{CE}}(w_{\mathrm{adv}})` and returns
@@ -468,7 +495,13 @@ def aace_sam(
     rho: the perturbation size :math:`\rho \ge 0`; 0.2 in the paper.
     normalize: divide the step by :math:`\|T g\| + \epsilon` (the authors'
       ``use_grad_norm``; off in all their runs).
-    adaptive: ASAM's element-wise scaling :math:`T = |w|`.
+    adaptive: ASAM's element-wise scaling :math:`T = |w| + \eta`.
+    adaptive_eta: :math:`\eta \ge 0`; 0.01 as in ASAM's authors' code.
+    adaptive_mask: the leaves scaled by :math:`T = |w| + \eta` (the others
+      by 1), as a tree or function like ``perturb_mask``; None selects
+      every leaf not named ``bias`` (:func:`named_weights`: the authors
+      scale PyTorch's ``weight`` parameters, Flax's ``kernel``, ``scale``
+      and ``embedding``).
     eps: :math:`\epsilon \ge 0`, used when ``normalize``.
     max_perturbation_norm: :math:`c \ge 0`, the longest perturbation
       :math:`\|w_{adv} - w\|` applied; None (the paper) bounds nothing.
@@ -523,6 +556,8 @@ def aace_sam(
     ascent=False,
     normalize=normalize,
     adaptive=adaptive,
+    adaptive_eta=adaptive_eta,
+    adaptive_mask=adaptive_mask,
     eps=eps,
     max_perturbation_norm=max_perturbation_norm,
     perturb_mask=perturb_mask,
@@ -538,6 +573,8 @@ def sam(
   *,
   normalize: bool = True,
   adaptive: bool = False,
+  adaptive_eta: jax.typing.ArrayLike = 0.01,
+  adaptive_mask: Optional[PerturbMask] = None,
   eps: jax.typing.ArrayLike = 1e-12,
   max_perturbation_norm: Optional[jax.typing.ArrayLike] = None,
   perturb_mask: Optional[PerturbMask] = None,
@@ -563,7 +600,9 @@ def sam(
       value.
     normalize: divide by :math:`\|T g\| + \epsilon` (SAM's definition; turn
       off only to experiment).
-    adaptive: ASAM's element-wise scaling :math:`T = |w|`.
+    adaptive: ASAM's element-wise scaling :math:`T = |w| + \eta`.
+    adaptive_eta: :math:`\eta \ge 0`, as in :func:`aace_sam`.
+    adaptive_mask: the leaves :math:`T` scales, as in :func:`aace_sam`.
     eps: :math:`\epsilon \ge 0`.
     max_perturbation_norm: the longest perturbation applied, as in
       :func:`aace_sam` (only useful with ``normalize=False``).
@@ -607,6 +646,8 @@ def sam(
     ascent=True,
     normalize=normalize,
     adaptive=adaptive,
+    adaptive_eta=adaptive_eta,
+    adaptive_mask=adaptive_mask,
     eps=eps,
     max_perturbation_norm=max_perturbation_norm,
     perturb_mask=perturb_mask,

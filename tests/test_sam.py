@@ -45,7 +45,8 @@ def np_authors_training(params, x, y, steps, rho, *, perturbation_loss, ascent, 
   buffers = None
   for _ in range(steps):
     g = np_mlp_grads(params, x, y, perturbation_loss)
-    scale_t = {k: (np.abs(params[k]) if adaptive else 1.0) for k in params}
+    # ASAM's authors: T = |w| + eta on the weights ("weight" in the name), 1 on the biases.
+    scale_t = {k: (np.abs(params[k]) + ASAM_ETA if adaptive and k.startswith("w") else 1.0) for k in params}
     grad_norm = np.sqrt(sum(np.sum((scale_t[k] * g[k]) ** 2) for k in g))
     scale = rho / (grad_norm + 1e-12) if normalize else rho
     sign = 1.0 if ascent else -1.0
@@ -61,6 +62,10 @@ def np_authors_training(params, x, y, steps, rho, *, perturbation_loss, ascent, 
   return params, grad_norm, np.sqrt(sum(np.sum(v**2) for v in e.values()))
 
 
+ASAM_ETA = 0.01
+MLP_WEIGHTS = {"w1": True, "b1": False, "w2": True, "b2": False}
+
+
 def base_optimizer():
   return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
 
@@ -72,10 +77,10 @@ def test_parity_with_authors_update_float64(method, normalize, adaptive):
   params, x, y = make_mlp_problem()
   if method == "aace_sam":
     rho, loss, fn = 0.2, "aace", aace_jax.aace_cross_entropy
-    tx = aace_jax.aace_sam(base_optimizer(), rho, normalize=normalize, adaptive=adaptive)
+    tx = aace_jax.aace_sam(base_optimizer(), rho, normalize=normalize, adaptive=adaptive, adaptive_mask=MLP_WEIGHTS)
   else:
     rho, loss, fn = 0.05, "ce", aace_jax.cross_entropy
-    tx = aace_jax.sam(base_optimizer(), rho, normalize=normalize, adaptive=adaptive)
+    tx = aace_jax.sam(base_optimizer(), rho, normalize=normalize, adaptive=adaptive, adaptive_mask=MLP_WEIGHTS)
   expected, grad_norm, perturbation_norm = np_authors_training(
     params,
     x,
@@ -122,14 +127,23 @@ def test_max_perturbation_norm_shortens_only_longer_perturbations(method, adapti
       adaptive=adaptive,
       max_norm=cap,
     )
-    tx = make(base_optimizer(), rho, normalize=False, adaptive=adaptive, max_perturbation_norm=cap)
+    tx = make(
+      base_optimizer(), rho, normalize=False, adaptive=adaptive, adaptive_mask=MLP_WEIGHTS, max_perturbation_norm=cap
+    )
     with jax.enable_x64(True):
       got, state = run_library(tx, jax.tree.map(jnp.asarray, params), x, y, 5, fn)
     for k in expected:
       np.testing.assert_allclose(np.asarray(got[k]), expected[k], rtol=1e-12, atol=1e-12, err_msg=k)
     np.testing.assert_allclose(state.perturbation_norm, perturbation_norm, rtol=1e-6)
   assert perturbation_norm < free_norm * 3  # the last cap did not bind: the free run's perturbation
-  capped = make(base_optimizer(), rho, normalize=False, adaptive=adaptive, max_perturbation_norm=free_norm / 3)
+  capped = make(
+    base_optimizer(),
+    rho,
+    normalize=False,
+    adaptive=adaptive,
+    adaptive_mask=MLP_WEIGHTS,
+    max_perturbation_norm=free_norm / 3,
+  )
   with jax.enable_x64(True):
     _, state = run_library(capped, jax.tree.map(jnp.asarray, params), x, y, 1, fn)
   np.testing.assert_allclose(state.perturbation_norm, free_norm / 3, rtol=1e-6)
@@ -167,6 +181,52 @@ def test_zero_gradient_gives_zero_perturbation(make, eps):
   np.testing.assert_array_equal(updates["a"], -np.ones(3))
 
 
+def test_asam_selects_flax_weights_and_leaves_biases():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(nn.BatchNorm(use_running_average=True)(nn.Embed(5, 3)(x)))
+
+  params = Net().init(jax.random.key(0), jnp.zeros((1,), jnp.int32))["params"]
+  assert aace_jax.named_weights(params) == {
+    "Embed_0": {"embedding": True},
+    "BatchNorm_0": {"scale": True, "bias": False},
+    "Dense_0": {"kernel": True, "bias": False},
+  }
+
+
+@pytest.mark.parametrize("make", [aace_jax.aace_sam, aace_jax.sam])
+def test_asam_perturbs_leaves_that_start_at_zero(make):
+  """T = |w| + eta on weights, 1 on biases (ASAM's authors): zero-initialized leaves move; T = |w| never moves them."""
+  params = {"kernel": jnp.array([0.0, 2.0, -1.0]), "bias": jnp.zeros(2)}
+  g = {"kernel": jnp.array([1.0, -0.5, 0.25]), "bias": jnp.array([0.3, -0.4])}
+  rho, sign = 0.1, (-1.0 if make is aace_jax.aace_sam else 1.0)
+  # By hand, eta = 0.01 (the default): T_kernel = [0.01, 2.01, 1.01], T_bias = 1.
+  t = {"kernel": np.array([0.01, 2.01, 1.01]), "bias": np.ones(2)}
+  t_g_norm = np.sqrt(sum(np.sum((t[k] * np.asarray(g[k])) ** 2) for k in g))
+  expected = {k: np.asarray(params[k]) + sign * rho * t[k] ** 2 * np.asarray(g[k]) / t_g_norm for k in g}
+  seen = []
+
+  def grad_fn(w):
+    seen.append(w)
+    return w
+
+  tx = make(optax.sgd(0.1), rho, normalize=True, adaptive=True, eps=0.0)
+  _, state = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
+  for k in expected:
+    np.testing.assert_allclose(seen[0][k], expected[k], rtol=1e-6, err_msg=k)
+  np.testing.assert_allclose(state.perturbation_grad_norm, t_g_norm, rtol=1e-6)
+  assert np.all(seen[0]["bias"] != 0) and seen[0]["kernel"][0] != 0
+  # T = |w| everywhere (eta = 0, every leaf scaled): the leaves at zero stay there.
+  seen.clear()
+  plain = make(optax.sgd(0.1), rho, normalize=True, adaptive=True, eps=0.0, adaptive_eta=0.0, adaptive_mask=True)
+  plain.update(g, plain.init(params), params, grad_fn=grad_fn)
+  np.testing.assert_array_equal(seen[0]["bias"], np.zeros(2))
+  assert seen[0]["kernel"][0] == 0
+
+
 @pytest.mark.filterwarnings("ignore:.*rounded to their dtype")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("normalize", [False, True])
@@ -184,8 +244,8 @@ def test_dtypes_are_preserved(dtype, normalize):
   assert seen[0] == {"w": dtype, "b": dtype}
   assert jax.tree.map(lambda v: v.dtype, updates) == {"w": dtype, "b": dtype}
   assert state.perturbation_norm.dtype == jnp.float32
-  # ||T g|| = sqrt(4) * 0.5 * 1e-3 (b is 0, so T zeroes its entry): no overflow or underflow.
-  np.testing.assert_allclose(state.perturbation_grad_norm, 1e-3, rtol=1e-2)
+  # ||T g|| = sqrt(4 * 0.51**2 + 0.01**2) * 1e-3 (T = |w| + 0.01): no overflow or underflow.
+  np.testing.assert_allclose(state.perturbation_grad_norm, 1.02e-3, rtol=1e-2)
   assert np.isfinite(np.asarray(state.perturbation_norm))
 
 
@@ -373,6 +433,8 @@ def test_missing_grad_fn_is_a_clear_error():
     (dict(max_perturbation_norm=-1.0), ValueError, r"max_perturbation_norm must lie in \[0.0, inf\], got -1.0"),
     (dict(normalize=1), TypeError, "normalize must be a bool, got 1"),
     (dict(adaptive="yes"), TypeError, "adaptive must be a bool"),
+    (dict(adaptive_eta=-0.01), ValueError, r"adaptive_eta must lie in \[0.0, inf\], got -0.01"),
+    (dict(adaptive_mask={"w": 1}), TypeError, r"adaptive_mask's leaves must be Python bools .* got 1 at \['w'\]"),
   ],
 )
 @pytest.mark.parametrize("make", [aace_jax.aace_sam, aace_jax.sam])
