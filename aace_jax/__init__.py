@@ -9,6 +9,7 @@ from aace_jax._losses import cross_entropy
 from aace_jax._nnx import nnx_apply_fn
 from aace_jax._nnx import nnx_sharpness_aware_grads
 from aace_jax._nnx import nnx_split
+from aace_jax._parallel import fsdp_sharding
 from aace_jax._parallel import pmap_step
 from aace_jax._parallel import replicate
 from aace_jax._parallel import replicate_on_mesh
@@ -19,8 +20,11 @@ from aace_jax._sam import aace_sam
 from aace_jax._sam import named_weights
 from aace_jax._sam import sam
 from aace_jax._train_step import ApplyFn
+from aace_jax._train_step import LogitsFn
+from aace_jax._train_step import LossInputs
 from aace_jax._train_step import Step
 from aace_jax._train_step import TrainState
+from aace_jax._train_step import classifier_logits_fn
 from aace_jax._train_step import linen_apply_fn
 from aace_jax._train_step import make_eval_step
 from aace_jax._train_step import make_train_step
@@ -30,6 +34,8 @@ __version__ = "0.2.0.dev0"
 __all__ = (
   "AACE_MODES",
   "ApplyFn",
+  "LogitsFn",
+  "LossInputs",
   "SAMState",
   "Step",
   "TrainState",
@@ -38,7 +44,9 @@ __all__ = (
   "aace_sam",
   "aace_targets",
   "check_labels",
+  "classifier_logits_fn",
   "cross_entropy",
+  "fsdp_sharding",
   "linen_apply_fn",
   "make_eval_step",
   "make_train_step",

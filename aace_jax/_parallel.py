@@ -59,26 +59,76 @@ def pmap_step(step: Step, axis_name: Optional[str] = None) -> Callable:
   return jax.pmap(step.fn, axis_name=axis, donate_argnums=(0,) if step.returns_state else ())
 
 
-def shard_step(step: Step, mesh: Mesh, data_axis: Optional[str] = None) -> Callable:
-  """Runs a train or eval step data-parallel over `mesh` with ``jax.jit`` and ``jax.shard_map``.
+def shard_step(step: Step, mesh: Mesh, data_axis: Optional[str] = None, *, state_sharding=None) -> Callable:
+  """Runs a train or eval step over `mesh`: data parallel, or with the parameters and optimizer state sharded.
 
-  The state is replicated over the mesh, the batch is split along its leading
-  axis over ``data_axis`` (pass global arrays, or host arrays on one process),
-  and a train step's state buffers are donated (arrays laid out otherwise are
-  placed with ``jax.device_put`` first). Inside, each device runs ``step`` on
-  its shard exactly as under ``jax.pmap``; gradients are not summed
-  implicitly (``check_vma=False``), the step averages them itself.
+  The batch is split along its leading axis over ``data_axis`` (pass global
+  arrays, or host arrays on one process), and a train step's state buffers
+  are donated (arrays laid out otherwise are placed with
+  ``jax.device_put`` first). Two forms:
+
+  - Replicated state (``state_sharding=None``, the step built with
+    ``axis_name=data_axis``): ``jax.jit`` over ``jax.shard_map``. Each device
+    holds the whole state and runs ``step`` on its shard of the batch
+    exactly as under ``jax.pmap``; gradients are not summed implicitly
+    (``check_vma=False``), the step averages them itself, and
+    ``sync_perturbation=False`` gives each device its own perturbation
+    (SAM's m-sharpness).
+  - Sharded state (``state_sharding`` given, the step built with
+    ``axis_name=None``): ``jax.jit`` of the step as written for one device,
+    with the state laid out by ``state_sharding`` (FSDP: each parameter
+    split over the ``data`` axis, see :func:`fsdp_sharding`; tensor
+    parallel over a ``model`` axis; or both on a 2-D mesh) and kept in that
+    layout from step to step. XLA partitions the program and adds only the
+    collectives the layout needs: the model's own (an FSDP layer gathers its
+    weights to compute), none in the transformation's update, whose norms
+    and checks reduce each leaf where it lives. The step sees the global
+    batch, so its perturbation is always the global batch's
+    (``sync_perturbation`` has nothing to act on; per-device perturbations
+    need the replicated form). The mesh's axes must be of type ``Auto``
+    (``jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * n)``),
+    so that XLA chooses the layout of every intermediate value.
 
   Args:
     step: a :class:`Step`, from :func:`make_train_step` or
-      :func:`make_eval_step`, built with ``axis_name`` a mesh axis.
+      :func:`make_eval_step`: built with ``axis_name`` a mesh axis for a
+      replicated state, with ``axis_name=None`` for a sharded one.
     mesh: a mesh with an axis named ``data_axis``.
-    data_axis: the mesh axis the batch is split over; defaults to the step's
-      ``axis_name`` and must equal it.
+    data_axis: the mesh axis the batch is split over; for a replicated state
+      it defaults to the step's ``axis_name`` and must equal it; required for
+      a sharded one.
+    state_sharding: the layout of the state: a tree with the structure of
+      the state (:class:`TrainState`) whose leaves are ``NamedSharding`` or
+      ``PartitionSpec`` objects of `mesh`, e.g. ``fsdp_sharding(
+      jax.eval_shape(make_state), mesh)``.
 
   Returns:
-    The jitted step, ``(state, batch) -> (state, metrics)`` (or ``metrics``).
+    The jitted step, ``(state, batch) -> (state, metrics)`` (or ``metrics``),
+    metrics replicated.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, aace_jax
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    >>> def apply_fn(params, model_state, images, *, train, rng):
+    ...   return images @ params["w"], model_state
+    >>> tx = aace_jax.aace_sam(optax.sgd(0.5), rho=0.2)
+    >>> make_state = lambda: aace_jax.TrainState.create(params={"w": jnp.zeros((8, 2))}, tx=tx, rng=jax.random.key(0))
+    >>> sharding = aace_jax.fsdp_sharding(jax.eval_shape(make_state), mesh, min_size=0)
+    >>> state = jax.jit(make_state, out_shardings=sharding)()
+    >>> step = aace_jax.shard_step(aace_jax.make_train_step(apply_fn, tx), mesh, "data", state_sharding=sharding)
+    >>> batch = {"image": jnp.eye(8), "label": jnp.arange(8) % 2}
+    >>> state, metrics = step(state, batch)
+    >>> state.params["w"].sharding.spec
+    PartitionSpec('data', None)
   """
+  if state_sharding is not None:
+    return _sharded_state_step(step, mesh, data_axis, state_sharding)
+  if isinstance(step, Step) and step.axis_name is None:
+    raise ValueError(
+      "shard_step: the step was built with axis_name=None, which runs on a sharded state: give its layout,"
+      " shard_step(..., state_sharding=...) (e.g. aace_jax.fsdp_sharding(...)); or, for a replicated state,"
+      f" build the step with make_train_step(..., axis_name={data_axis or 'data'!r})."
+    )
   axis = _mapped_axis("shard_step", step, data_axis)
   if axis not in mesh.axis_names:
     raise ValueError(f"shard_step: mesh axes {mesh.axis_names} have no {axis!r}.")
@@ -99,6 +149,101 @@ def shard_step(step: Step, mesh: Mesh, data_axis: Optional[str] = None) -> Calla
     return compiled(jax.device_put(state, replicated), jax.device_put(batch, split))
 
   return run
+
+
+def _sharded_state_step(step: Step, mesh: Mesh, data_axis: Optional[str], state_sharding) -> Callable:
+  """`shard_step`'s sharded-state form: the one-device step jitted with the state and batch laid out over `mesh`."""
+  if not isinstance(step, Step):
+    raise TypeError(f"shard_step: step must be an aace_jax.Step, got {step!r}.")
+  if step.axis_name is not None:
+    raise ValueError(
+      f"shard_step: a sharded state runs the step as written for one device, but this one averages over"
+      f" axis_name={step.axis_name!r} (the replicated form); build it with axis_name=None."
+    )
+  if data_axis is None or data_axis not in mesh.axis_names:
+    raise ValueError(
+      f"shard_step: with state_sharding, data_axis must name the mesh axis the batch is split over,"
+      f" one of {mesh.axis_names}; got {data_axis!r}."
+    )
+  explicit = [name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == jax.sharding.AxisType.Explicit]
+  if explicit:
+    raise ValueError(
+      f"shard_step: a sharded state needs mesh axes of type Auto, so that XLA lays out the values between"
+      f" the state and the batch; {explicit} are Explicit. Make the mesh with"
+      " jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names))."
+    )
+  is_layout = lambda x: isinstance(x, (NamedSharding, P))
+
+  def named(layout):
+    if isinstance(layout, P):
+      return NamedSharding(mesh, layout)
+    if not isinstance(layout, NamedSharding):
+      raise TypeError(f"shard_step: state_sharding's leaves must be NamedShardings or PartitionSpecs, got {layout!r}.")
+    return layout
+
+  state_shardings = jax.tree.map(named, state_sharding, is_leaf=is_layout)
+  replicated = NamedSharding(mesh, P())
+  split = NamedSharding(mesh, P(data_axis))
+  compiled = jax.jit(
+    step.fn,
+    in_shardings=(state_shardings, split),
+    out_shardings=(state_shardings, replicated) if step.returns_state else replicated,
+    donate_argnums=(0,) if step.returns_state else (),
+  )
+
+  def run(state, batch):
+    try:
+      state = jax.device_put(state, state_shardings)
+    except ValueError as error:
+      raise ValueError(
+        f"shard_step: state_sharding does not fit the state: {jax.tree.structure(state_shardings, is_leaf=is_layout)}"
+        f" against {jax.tree.structure(state)}."
+      ) from error
+    return compiled(state, jax.device_put(batch, split))
+
+  return run
+
+
+def fsdp_sharding(tree, mesh: Mesh, axis: str = "data", *, min_size: int = 2**14):
+  """A fully sharded (FSDP) layout of `tree` over one mesh axis: each large array split along one dimension.
+
+  Each array of at least ``min_size`` elements is split along its largest
+  dimension that the axis's size divides (the last such one on a tie), and
+  replicated when none does; smaller arrays, scalars and PRNG keys are
+  replicated. Use it for the parameters and optimizer state of
+  :func:`shard_step`'s sharded form: the optimizer's momentum and a kept
+  perturbation then lie where their parameters do.
+
+  Args:
+    tree: arrays or ``jax.ShapeDtypeStruct`` objects (``jax.eval_shape`` of the
+      state's constructor: nothing is allocated).
+    mesh: the device mesh.
+    axis: the mesh axis to split over.
+    min_size: arrays smaller than this stay replicated (splitting them saves
+      little memory and costs a gather each).
+
+  Returns:
+    A tree of ``NamedSharding`` objects with the structure of `tree`.
+  """
+  if axis not in mesh.axis_names:
+    raise ValueError(f"fsdp_sharding: mesh axes {mesh.axis_names} have no {axis!r}.")
+  if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+    raise ValueError(f"fsdp_sharding: min_size must be a non-negative int, got {min_size!r}.")
+  devices = mesh.shape[axis]
+
+  def layout(x):
+    shape = tuple(jnp.shape(x))
+    if _is_key(x) or jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key) or not shape:
+      return NamedSharding(mesh, P())
+    if int(np.prod(shape)) < min_size:
+      return NamedSharding(mesh, P())
+    candidates = [d for d in range(len(shape)) if shape[d] % devices == 0]
+    if not candidates:
+      return NamedSharding(mesh, P())
+    dim = max(candidates, key=lambda d: (shape[d], d))
+    return NamedSharding(mesh, P(*[axis if d == dim else None for d in range(len(shape))]))
+
+  return jax.tree.map(layout, tree)
 
 
 def replicate(tree, devices=None):

@@ -22,6 +22,7 @@ from aace_jax import _losses
 from aace_jax import _sam
 from aace_jax._norms import all_finite
 from aace_jax._norms import global_norm
+from aace_jax._norms import upcast
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -32,6 +33,33 @@ class ApplyFn(Protocol):
   """`apply_fn(params, model_state, images, *, train, rng) -> (logits, new_model_state)`."""
 
   def __call__(self, params, model_state, images, *, train: bool, rng: jax.Array) -> tuple[jax.Array, Any]: ...
+
+
+class LossInputs(NamedTuple):
+  """What a :class:`LogitsFn` returns for a batch: the losses' inputs and the new model state.
+
+  Attributes:
+    logits: unnormalized scores, shape ``[..., C]`` (``[batch, C]`` for a
+      classifier, ``[batch, length, C]`` for a language model).
+    targets: the true class of each prediction, integers of shape
+      ``logits.shape[:-1]``.
+    weights: how much each prediction counts, shape ``targets.shape``
+      (a padding mask: 1 for real tokens, 0 for padding), or None: all
+      count alike. A target of weight 0 may hold any value.
+    model_state: the new non-trainable model state (``{}`` for none); in
+      evaluation, ignored.
+  """
+
+  logits: jax.Array
+  targets: jax.Array
+  weights: Optional[jax.Array]
+  model_state: Any
+
+
+class LogitsFn(Protocol):
+  """`logits_fn(params, model_state, batch, *, train, rng) -> LossInputs` for a batch of any structure."""
+
+  def __call__(self, params, model_state, batch, *, train: bool, rng: jax.Array) -> LossInputs: ...
 
 
 class TrainState(NamedTuple):
@@ -137,6 +165,92 @@ def linen_apply_fn(module) -> ApplyFn:
   return apply_fn
 
 
+def classifier_logits_fn(apply_fn: ApplyFn, *, mask_key: Optional[str] = None) -> LogitsFn:
+  """The :class:`LogitsFn` of an image classifier: ``batch["image"]`` in, one ``batch["label"]`` per example.
+
+  Args:
+    apply_fn: ``apply_fn(params, model_state, images, *, train, rng) ->
+      (logits, new_model_state)``.
+    mask_key: the batch entry holding each example's weight (the eval
+      step's ``"mask"``), or None: every example counts.
+
+  Returns:
+    ``logits_fn(params, model_state, batch, *, train, rng) -> LossInputs``.
+  """
+
+  def logits_fn(params, model_state, batch, *, train, rng):
+    logits, new_model_state = apply_fn(params, model_state, batch["image"], train=train, rng=rng)
+    weights = batch.get(mask_key) if mask_key is not None else None
+    return LossInputs(logits, batch["label"], weights, new_model_state)
+
+  return logits_fn
+
+
+def _one_model_fn(owner: str, apply_fn: Optional[ApplyFn], logits_fn: Optional[LogitsFn], **adapter) -> LogitsFn:
+  """The step's `LogitsFn`: `logits_fn`, or the image classifier's of `apply_fn`; exactly one is given."""
+  if (apply_fn is None) == (logits_fn is None):
+    raise TypeError(
+      f"{owner}: give either apply_fn (an image classifier: batch['image'], batch['label']) or logits_fn="
+      f" (any batch and targets), not {'both' if apply_fn is not None else 'neither'}."
+    )
+  model_fn = apply_fn if logits_fn is None else logits_fn
+  if not callable(model_fn):
+    raise TypeError(f"{owner}: {'apply_fn' if logits_fn is None else 'logits_fn'} must be callable, got {model_fn!r}.")
+  return classifier_logits_fn(apply_fn, **adapter) if logits_fn is None else logits_fn
+
+
+def _checked_loss_inputs(owner: str, outputs) -> LossInputs:
+  """`outputs` of a `LogitsFn` as `LossInputs`, checked at trace time; targets of weight 0 set to class 0."""
+  if not (isinstance(outputs, tuple) and len(outputs) == 4):
+    raise TypeError(
+      f"{owner}: logits_fn must return (logits, targets, weights or None, new_model_state), a LossInputs;"
+      f" got {type(outputs).__name__} {jax.tree.structure(outputs)}."
+    )
+  logits, targets, weights, model_state = outputs
+  logits, targets = jnp.asarray(logits), jnp.asarray(targets)
+  if not jnp.issubdtype(targets.dtype, jnp.integer):
+    if targets.shape == logits.shape:
+      raise TypeError(
+        f"{owner}: the targets are a distribution over the classes (shape {targets.shape}, {targets.dtype}),"
+        " as mixup or cutmix make. AACE's adversarial target needs each prediction's one true class y"
+        " (q_y = min(p_y, th), the rest spread over the other classes), which a soft target does not have:"
+        " return integer targets (label smoothing: loss=functools.partial(cross_entropy, label_smoothing=s))."
+      )
+    raise TypeError(f"{owner}: targets must be integer classes, got dtype {targets.dtype}.")
+  if targets.shape != logits.shape[:-1]:
+    raise ValueError(
+      f"{owner}: targets of shape {targets.shape} do not match logits of shape {logits.shape};"
+      f" expected {logits.shape[:-1]}."
+    )
+  if weights is not None:
+    weights = jnp.asarray(weights)
+    if weights.shape != targets.shape:
+      raise ValueError(f"{owner}: weights of shape {weights.shape} do not match targets of shape {targets.shape}.")
+    weights = upcast(weights.astype(jnp.result_type(weights.dtype, jnp.float32)))
+    # A padded position may hold any target; an out-of-range one would make its loss, and 0 * NaN, NaN.
+    targets = jnp.where(weights > 0, targets, 0)
+  return LossInputs(logits, targets, weights, model_state)
+
+
+def _batch_mean(per_target: jax.Array, weights: Optional[jax.Array]) -> jax.Array:
+  """The mean of per-target values, weighted by `weights` (0 when every weight is 0)."""
+  if weights is None:
+    return per_target.mean()
+  total = jnp.sum(weights)
+  return jnp.sum(upcast(per_target) * weights) / jnp.where(total > 0, total, 1)
+
+
+def _batch_size(owner: str, batch) -> int:
+  """The leading dimension every leaf of `batch` shares."""
+  sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in jax.tree.leaves(batch)}
+  if len(sizes) != 1 or None in sizes:
+    raise ValueError(
+      f"{owner}: every array of the batch must have the same leading (example) dimension, got shapes"
+      f" {[jnp.shape(x) for x in jax.tree.leaves(batch)]}."
+    )
+  return sizes.pop()
+
+
 def _accepts_key(loss_fn: PerExampleLoss) -> bool:
   try:
     return "key" in inspect.signature(loss_fn).parameters
@@ -172,18 +286,24 @@ def _learning_rate(opt_state) -> Optional[jax.Array]:
   return None
 
 
-def _mean_value_and_grad(fn, params, images, labels, micro_batches: int):
-  """`fn(params, images, labels, index) -> (value, aux)`: mean value and gradient over micro-batches.
+def _value_and_grad(fn, params, batch, micro_batches: int):
+  """`fn(params, batch, index) -> (objective, (weight_sum, aux))`: the value and gradient over micro-batches.
 
-  With one micro-batch this is `jax.value_and_grad`; with k it scans over k
-  equal slices of the batch, holding one slice's activations at a time, and
-  returns the stacked `aux` of each slice.
+  `weight_sum` is None for an objective that is a mean: the value and
+  gradient returned are then the mean over micro-batches. Otherwise the
+  objective is a weighted sum, and the sums of the values, weights and
+  gradients are returned, for the caller to divide. With one micro-batch
+  this is `jax.value_and_grad`; with k it scans over k equal slices of the
+  batch, holding one slice's activations at a time, and returns the stacked
+  `aux` of each slice.
   """
   if micro_batches == 1:
-    return jax.value_and_grad(fn, has_aux=True)(params, images, labels, 0)
-  if images.shape[0] % micro_batches:
+    (value, (weight_sum, aux)), grads = jax.value_and_grad(fn, has_aux=True)(params, batch, 0)
+    return value, weight_sum, aux, grads
+  size = _batch_size("make_train_step", batch)
+  if size % micro_batches:
     raise ValueError(
-      f"make_train_step: a batch of {images.shape[0]} examples does not split into"
+      f"make_train_step: a batch of {size} examples does not split into"
       f" grad_accum_steps={micro_batches} equal micro-batches."
     )
   split = lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
@@ -192,16 +312,19 @@ def _mean_value_and_grad(fn, params, images, labels, micro_batches: int):
     (value, aux), grads = jax.value_and_grad(fn, has_aux=True)(params, *micro)
     return jax.tree.map(jnp.add, grad_sum, grads), (value, aux)
 
-  grad_sum, (values, aux) = jax.lax.scan(
-    accumulate, jax.tree.map(jnp.zeros_like, params), (split(images), split(labels), jnp.arange(micro_batches))
+  grad_sum, (values, (weight_sums, aux)) = jax.lax.scan(
+    accumulate, jax.tree.map(jnp.zeros_like, params), (jax.tree.map(split, batch), jnp.arange(micro_batches))
   )
-  return (values.mean(), aux), jax.tree.map(lambda g: g / micro_batches, grad_sum)
+  if weight_sums is None:
+    return values.mean(), None, aux, jax.tree.map(lambda g: g / micro_batches, grad_sum)
+  return values.sum(), weight_sums.sum(), aux, grad_sum
 
 
 def make_train_step(
-  apply_fn: ApplyFn,
-  tx: optax.GradientTransformation,
+  apply_fn: Optional[ApplyFn] = None,
+  tx: Optional[optax.GradientTransformation] = None,
   *,
+  logits_fn: Optional[LogitsFn] = None,
   perturbation_loss: PerExampleLoss = _losses.aace_cross_entropy,
   loss: PerExampleLoss = _losses.cross_entropy,
   axis_name: Optional[str] = None,
@@ -225,6 +348,19 @@ def make_train_step(
      mean of ``loss`` at :math:`w_{adv}`: the second pass normalizes with the
      batch's statistics and its new running statistics are discarded;
   3. ``tx``'s update is applied at :math:`w`.
+
+  Any model and loss: ``logits_fn=`` instead of ``apply_fn`` takes a batch
+  of any structure (every array with a leading example axis) and returns
+  :class:`LossInputs`: logits of shape ``[..., C]``, one integer target per
+  prediction (a token, a pixel), and optionally a weight per target, such
+  as a padding mask. Both losses are then weighted means,
+  :math:`\sum_i w_i \ell_i / \sum_i w_i`, the sums taken over the whole
+  batch: over every micro-batch and, for the gradients averaged across
+  devices, every device's batch, so that padding in one part of the batch
+  does not reweigh the others. The metrics are each device's weighted batch
+  means, averaged over the devices. Soft targets (a distribution over the
+  classes, as mixup makes) are refused: AACE's :math:`q` is built around
+  one true class per prediction.
 
   With any other optax transformation the step is plain one-pass training on
   ``loss``. ``perturbation_loss=cross_entropy`` with ``tx=sam(...)`` is
@@ -290,10 +426,14 @@ def make_train_step(
   ``grad_accum_steps``.
 
   Args:
-    apply_fn: ``apply_fn(params, model_state, images, *, train, rng) ->
-      (logits, new_model_state)``; :func:`linen_apply_fn` adapts a Flax Linen
+    apply_fn: an image classifier, ``apply_fn(params, model_state, images,
+      *, train, rng) -> (logits, new_model_state)`` for a batch
+      ``{"image", "label"}``; :func:`linen_apply_fn` adapts a Flax Linen
       module.
     tx: the optax transformation.
+    logits_fn: instead of ``apply_fn``, any model and batch:
+      ``logits_fn(params, model_state, batch, *, train, rng) ->``
+      :class:`LossInputs`.
     perturbation_loss: per-example loss of the first pass.
     loss: per-example training loss of the second pass (of the only pass for
       a plain optimizer).
@@ -315,7 +455,8 @@ def make_train_step(
 
   Returns:
     A :class:`Step`, ``step(state, batch) -> (state, metrics)`` with
-    ``batch = {"image", "label"}``. ``metrics`` holds float32 batch means:
+    ``batch = {"image", "label"}`` (or ``logits_fn``'s). ``metrics`` holds
+    float32 batch means (weighted, with ``logits_fn``'s weights):
 
     - ``loss``: ``loss`` at :math:`w`, from the first pass's logits (see
       "Cheaper steps" for which pass and examples when there is no first
@@ -354,6 +495,9 @@ def make_train_step(
     Sharpness-Aware Minimization <https://arxiv.org/abs/2406.14329>`_,
     ICIP 2024.
   """
+  if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+    raise TypeError(f"make_train_step: tx must be an optax transformation (init, update), got {tx!r}.")
+  model_fn = _one_model_fn("make_train_step", apply_fn, logits_fn)
   for name, flag in (("sync_perturbation", sync_perturbation), ("skip_nonfinite", skip_nonfinite)):
     if not isinstance(flag, bool):
       raise TypeError(f"make_train_step: {name} must be a bool, got {flag!r}.")
@@ -382,6 +526,21 @@ def make_train_step(
   def average(tree):
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
+  def normalized(value, weight_sum, grads, *, over_devices: bool):
+    """A pass's mean value on this device and its mean gradient, over every device's batch when `over_devices`.
+
+    A mean objective (`weight_sum` None) is averaged as it is; a weighted
+    sum is divided by the sum of the weights, over all devices for the
+    gradient, so that the gradient is the global weighted mean's.
+    """
+    if weight_sum is None:
+      return value, average(grads) if over_devices else grads
+    value = value / jnp.where(weight_sum > 0, weight_sum, 1)
+    if over_devices and axis_name is not None:
+      weight_sum, grads = jax.lax.psum((weight_sum, grads), axis_name)
+    scale = 1 / jnp.where(weight_sum > 0, weight_sum, 1)
+    return value, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+
   def _first_pass_examples(batch_size: int) -> Optional[int]:
     """How many leading examples of a (per-device) batch the first pass takes; None: all of them."""
     if perturbation_batch_fraction == 1:
@@ -402,41 +561,58 @@ def make_train_step(
     model_rng, loss_rng = jax.random.split(rng)
     return model_rng, loss_rng
 
-  def first_pass_metrics(logits, labels, loss_rng) -> Metrics:
-    """What the first pass's logits tell, for observation: no gradient flows from here."""
-    metrics = {"loss": loss(logits, labels).mean(), "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+  def first_pass_metrics(outputs: LossInputs, loss_rng) -> Metrics:
+    """What a pass's logits tell, for observation: no gradient flows from here."""
+    logits, targets, weights = outputs.logits, outputs.targets, outputs.weights
+    metrics = {
+      "loss": _batch_mean(loss(logits, targets), weights),
+      "accuracy": _batch_mean(jnp.argmax(logits, -1) == targets, weights),
+    }
     for name, fn in extra_metrics.items():
       extra = {"key": loss_rng} if _accepts_key(fn) else {}
-      metrics[name] = jax.lax.stop_gradient(fn(logits, labels, **extra)).mean()
+      metrics[name] = jax.lax.stop_gradient(_batch_mean(fn(logits, targets, **extra), weights))
     return metrics
 
-  def merged(logits, model_state):
-    """A pass's logits and new model state over the whole (per-device) batch, micro-batches merged."""
+  def merged(outputs: LossInputs) -> LossInputs:
+    """A pass's outputs over the whole (per-device) batch, micro-batches merged."""
     if grad_accum_steps == 1:
-      return logits, model_state
-    return logits.reshape(-1, logits.shape[-1]), jax.tree.map(lambda x: x.mean(0), model_state)
+      return outputs
+    flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])
+    return LossInputs(
+      flat(outputs.logits),
+      flat(outputs.targets),
+      flat(outputs.weights),
+      jax.tree.map(lambda x: x.mean(0), outputs.model_state),
+    )
 
-  def perturbation_objective(logits, labels, loss_rng):
+  def objective(fn, outputs: LossInputs, **extra):
+    """`(objective, weight_sum)` of a pass: the batch mean of `fn` (weight_sum None), or its weighted sum."""
+    per_target = fn(outputs.logits, outputs.targets, **extra)
+    if outputs.weights is None:
+      return per_target.mean(), None
+    return jnp.sum(upcast(per_target) * outputs.weights), jnp.sum(outputs.weights)
+
+  def perturbation_objective(outputs: LossInputs, loss_rng):
     extra = {"key": loss_rng} if perturbation_takes_key else {}
-    return perturbation_loss(logits, labels, **extra).mean()
+    return _batch_mean(perturbation_loss(outputs.logits, outputs.targets, **extra), outputs.weights)
 
-  def sharpness_aware_update(state, images, labels, forward, loss_rng):
+  def sharpness_aware_update(state, batch, forward, loss_rng):
     """Both passes (the first only when `tx` needs it); the update, new model and optimizer states, metrics."""
-    first_images, first_labels = images, labels
-    first_examples = _first_pass_examples(labels.shape[0])
+    first_batch = batch
+    first_examples = _first_pass_examples(_batch_size("make_train_step", batch))
     if first_examples is not None:
-      first_images, first_labels = images[:first_examples], labels[:first_examples]
+      first_batch = jax.tree.map(lambda x: x[:first_examples], batch)
 
-    def first_pass(params, images, labels, index):
-      logits, new_model_state = forward(params, images, index)
+    def first_pass(params, batch, index):
+      outputs = forward(params, batch, index)
       extra = {"key": jax.random.fold_in(loss_rng, index)} if perturbation_takes_key else {}
-      return perturbation_loss(logits, labels, **extra).mean(), (logits, new_model_state)
+      value, weight_sum = objective(perturbation_loss, outputs, **extra)
+      return value, (weight_sum, outputs)
 
     def run_first_pass():
-      (objective, outputs), grads = _mean_value_and_grad(
-        first_pass, state.params, first_images, first_labels, grad_accum_steps
-      )
-      return objective, merged(*outputs), average(grads) if sync_perturbation else grads
+      value, weight_sum, outputs, grads = _value_and_grad(first_pass, state.params, first_batch, grad_accum_steps)
+      value, grads = normalized(value, weight_sum, grads, over_devices=sync_perturbation)
+      return value, merged(outputs), grads
 
     opt_state = state.opt_state
     due = _sam.perturbation_due(opt_state)  # None: every update perturbs anew
@@ -457,73 +633,76 @@ def make_train_step(
     else:
       # A conditional, not a select: between perturbations the first pass does not run.
       first = jax.lax.cond(due, run_first_pass, skipped_first_pass)
-    objective, (logits, new_model_state), grads = first
+    perturbation_value, first_outputs, grads = first
+    new_model_state = first_outputs.model_state
     second_pass_outputs = []
 
     def grad_fn(perturbed_params):
-      def second_pass(params, images, labels, index):
-        logits, new_model_state = forward(params, images, index)
-        return loss(logits, labels).mean(), (logits, new_model_state)
+      def second_pass(params, batch, index):
+        outputs = forward(params, batch, index)
+        value, weight_sum = objective(loss, outputs)
+        return value, (weight_sum, outputs)
 
-      (value, outputs), perturbed_grads = _mean_value_and_grad(
-        second_pass, perturbed_params, images, labels, grad_accum_steps
+      value, weight_sum, outputs, perturbed_grads = _value_and_grad(
+        second_pass, perturbed_params, batch, grad_accum_steps
       )
-      second_pass_outputs.append(merged(*outputs))
-      return average(value), average(perturbed_grads)
+      second_pass_outputs.append(merged(outputs))
+      value, perturbed_grads = normalized(value, weight_sum, perturbed_grads, over_devices=True)
+      return average(value), perturbed_grads
 
     updates, opt_state = tx.update(grads, opt_state, state.params, grad_fn=grad_fn)
     sam_states = _sam.find_states(opt_state, _sam.SAMState)
     missing = jnp.full([], jnp.nan, jnp.float32)
     sam_state = sam_states[0] if sam_states else None
     metrics = {
-      "perturbation_loss": objective,
+      "perturbation_loss": perturbation_value,
       "perturbed_loss": sam_state.perturbed_loss if sam_state else missing,
       "grad_norm": sam_state.perturbed_grad_norm if sam_state else missing,
       "perturbation_grad_norm": sam_state.perturbation_grad_norm if sam_state else missing,
       "perturbation_norm": sam_state.perturbation_norm if sam_state else missing,
-      **first_pass_metrics(logits, first_labels, loss_rng),
+      **first_pass_metrics(first_outputs, loss_rng),
     }
     if due is not None and due is not True:
       # Between perturbations the pass at w_adv is the only one: what the
       # first pass would report (and the BatchNorm statistics) comes from it.
-      only_logits, only_model_state = second_pass_outputs[0]
+      (only_outputs,) = second_pass_outputs
       only_pass = {
-        **first_pass_metrics(only_logits, labels, loss_rng),
-        "perturbation_loss": perturbation_objective(only_logits, labels, loss_rng),
+        **first_pass_metrics(only_outputs, loss_rng),
+        "perturbation_loss": perturbation_objective(only_outputs, loss_rng),
       }
       if due is False:
         metrics.update(only_pass)
-        new_model_state = only_model_state
+        new_model_state = only_outputs.model_state
       else:
         metrics.update({name: jnp.where(due, metrics[name], value) for name, value in only_pass.items()})
-        new_model_state = jax.lax.cond(due, lambda: new_model_state, lambda: only_model_state)
+        new_model_state = jax.lax.cond(due, lambda: new_model_state, lambda: only_outputs.model_state)
     # The gradient at w_adv is checked through its norm, which is non-finite when it is.
     finite = all_finite(grads) & (jnp.isfinite(metrics["grad_norm"]) | (sam_state is None))
     return updates, new_model_state, opt_state, metrics, finite
 
-  def plain_update(state, images, labels, forward, loss_rng):
+  def plain_update(state, batch, forward, loss_rng):
     """One pass on `loss`; the perturbation loss is reported, not differentiated."""
 
-    def only_pass(params, images, labels, index):
-      logits, new_model_state = forward(params, images, index)
-      return loss(logits, labels).mean(), (logits, new_model_state)
+    def only_pass(params, batch, index):
+      outputs = forward(params, batch, index)
+      value, weight_sum = objective(loss, outputs)
+      return value, (weight_sum, outputs)
 
-    (objective, outputs), grads = _mean_value_and_grad(only_pass, state.params, images, labels, grad_accum_steps)
-    logits, new_model_state = merged(*outputs)
-    grads = average(grads)
+    value, weight_sum, outputs, grads = _value_and_grad(only_pass, state.params, batch, grad_accum_steps)
+    outputs = merged(outputs)
+    value, grads = normalized(value, weight_sum, grads, over_devices=True)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {
-      "perturbation_loss": perturbation_objective(logits, labels, loss_rng),
-      "perturbed_loss": objective,
+      "perturbation_loss": perturbation_objective(outputs, loss_rng),
+      "perturbed_loss": value,
       "grad_norm": global_norm(grads),
       "perturbation_grad_norm": jnp.zeros([]),
       "perturbation_norm": jnp.zeros([]),
-      **first_pass_metrics(logits, labels, loss_rng),
+      **first_pass_metrics(outputs, loss_rng),
     }
-    return updates, new_model_state, opt_state, metrics, all_finite(grads)
+    return updates, outputs.model_state, opt_state, metrics, all_finite(grads)
 
-  def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    images, labels = batch["image"], batch["label"]
+  def step(state: TrainState, batch) -> tuple[TrainState, Metrics]:
     if _sam.find_states(state.opt_state, optax.MultiStepsState):
       raise ValueError(
         "make_train_step: optax.MultiSteps is not supported here (it would perturb with the mean"
@@ -532,9 +711,10 @@ def make_train_step(
       )
     model_rng, loss_rng = step_keys(state)
 
-    def forward(params, images, index):
-      """Training-mode logits and new model state of micro-batch `index` (the same key in both passes)."""
-      return apply_fn(params, state.model_state, images, train=True, rng=jax.random.fold_in(model_rng, index))
+    def forward(params, batch, index) -> LossInputs:
+      """Training-mode outputs of micro-batch `index` (the same key in both passes)."""
+      rng = jax.random.fold_in(model_rng, index)
+      return _checked_loss_inputs("make_train_step", model_fn(params, state.model_state, batch, train=True, rng=rng))
 
     if _calls_grad_fn(tx, state.opt_state, state.params):
       update = sharpness_aware_update
@@ -545,7 +725,7 @@ def make_train_step(
       )
     else:
       update = plain_update
-    updates, new_model_state, opt_state, metrics, finite = update(state, images, labels, forward, loss_rng)
+    updates, new_model_state, opt_state, metrics, finite = update(state, batch, forward, loss_rng)
     metrics["param_norm"] = global_norm(state.params)
     learning_rate = _learning_rate(opt_state)
     if learning_rate is not None:
@@ -571,38 +751,44 @@ def make_train_step(
 
 
 def make_eval_step(
-  apply_fn: ApplyFn,
+  apply_fn: Optional[ApplyFn] = None,
   *,
+  logits_fn: Optional[LogitsFn] = None,
   loss: PerExampleLoss = _losses.cross_entropy,
   axis_name: Optional[str] = None,
 ) -> Step:
   """Builds a pure evaluation step: summed loss and correct count of a batch.
 
   ``batch["mask"]`` (optional, 1 for real examples, 0 for padding) lets the
-  last, padded batch of a dataset count exactly. Sums, not means, are
-  returned so the host adds batches without weighting; under ``axis_name``
-  they are summed over devices.
+  last, padded batch of a dataset count exactly; with ``logits_fn`` its
+  weights do. Sums, not means, are returned so the host adds batches without
+  weighting; under ``axis_name`` they are summed over devices.
 
   Args:
     apply_fn: as for :func:`make_train_step`; called with ``train=False``.
+    logits_fn: instead of ``apply_fn``, as for :func:`make_train_step`.
     loss: per-example loss.
     axis_name: the mapped axis, or None on one device.
 
   Returns:
     A :class:`Step` that returns no state, ``eval_step(state, batch) ->
-    {"loss_sum", "correct", "count"}``, float32.
+    {"loss_sum", "correct", "count"}``, float32: sums over the targets,
+    weighted.
   """
+  model_fn = _one_model_fn("make_eval_step", apply_fn, logits_fn, mask_key="mask")
 
-  def eval_step(state: TrainState, batch: Batch) -> Metrics:
-    images, labels = batch["image"], batch["label"]
-    mask = batch.get("mask", jnp.ones(labels.shape, jnp.float32)).astype(jnp.float32)
-    logits, _ = apply_fn(state.params, state.model_state, images, train=False, rng=state.rng)
-    # Padding rows may carry any label; zero their loss before it can be NaN.
-    safe_loss = jnp.where(mask > 0, loss(logits, jnp.where(mask > 0, labels, 0)), 0)
+  def eval_step(state: TrainState, batch) -> Metrics:
+    outputs = _checked_loss_inputs(
+      "make_eval_step", model_fn(state.params, state.model_state, batch, train=False, rng=state.rng)
+    )
+    logits, targets = outputs.logits, outputs.targets
+    weights = jnp.ones(targets.shape, jnp.float32) if outputs.weights is None else outputs.weights
+    # Padding rows may carry any label (set to 0 above); zero their loss before it can be NaN.
+    safe_loss = jnp.where(weights > 0, loss(logits, targets), 0)
     metrics = {
-      "loss_sum": jnp.sum(safe_loss.astype(jnp.float32) * mask),
-      "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-      "count": jnp.sum(mask),
+      "loss_sum": jnp.sum(safe_loss.astype(jnp.float32) * weights),
+      "correct": jnp.sum((jnp.argmax(logits, -1) == targets) * weights),
+      "count": jnp.sum(weights),
     }
     return metrics if axis_name is None else jax.lax.psum(metrics, axis_name)
 

@@ -77,6 +77,40 @@ def first_pass_batch_stats(model, variables, images):
   return updates["batch_stats"]
 
 
+# A next-token model: a batch of any structure, a target per token, a padding mask.
+VOCAB, WIDTH, TOKEN_LENGTH = 7, 5, 6
+
+
+def token_params(seed=0):
+  keys = jax.random.split(jax.random.key(seed), 2)
+  return {
+    "embed": jax.random.normal(keys[0], (VOCAB, WIDTH)),
+    "out": jax.random.normal(keys[1], (WIDTH, VOCAB)) * 0.5,
+  }
+
+
+def token_logits(params, tokens):
+  return jnp.tanh(params["embed"][tokens]) @ params["out"]
+
+
+def next_token_fn(params, model_state, batch, *, train, rng):
+  """A next-token model: predicts tokens[:, 1:] from tokens[:, :-1]; `lengths` marks the real tokens."""
+  del train, rng
+  tokens = batch["tokens"]
+  positions = jnp.arange(tokens.shape[1] - 1)
+  weights = (positions[None, :] + 1 < batch["lengths"][:, None]).astype(jnp.float32)
+  return aace_jax.LossInputs(token_logits(params, tokens[:, :-1]), tokens[:, 1:], weights, model_state)
+
+
+def token_batch(n=8, seed=3, pad=-1):
+  """Sequences of random lengths in [2, TOKEN_LENGTH]; positions past a sequence's end hold `pad`."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(2, TOKEN_LENGTH + 1, n)
+  tokens = rng.integers(0, VOCAB, (n, TOKEN_LENGTH))
+  tokens = np.where(np.arange(TOKEN_LENGTH)[None, :] < lengths[:, None], tokens, pad)
+  return {"tokens": jnp.asarray(tokens, jnp.int32), "lengths": jnp.asarray(lengths, jnp.int32)}
+
+
 def make_mlp_problem(seed=0, batch=16, features=5, hidden=7, classes=4):
   rng = np.random.default_rng(seed)
   params = {

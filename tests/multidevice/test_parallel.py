@@ -4,11 +4,14 @@ Run through tests/test_multidevice.py, which sets
 XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import aace_jax
 from tests.helpers import BatchNormNet
@@ -275,3 +278,143 @@ def test_norms_and_checks_of_sharded_leaves_reduce_leaf_by_leaf():
   assert not bool(jax.jit(_norms.all_finite)(spoiled))
   hlo = jax.jit(_norms.global_norm).lower(params).compile().as_text()
   assert "all-gather" not in hlo
+
+
+# ---------------------------------------------------------------------------
+# The whole step on a sharded state: shard_step(..., state_sharding=...).
+# ---------------------------------------------------------------------------
+
+SHARDED_STATE_METHODS = {
+  **METHODS,
+  "aace_sam_k2": (
+    lambda: aace_jax.aace_sam(optax.sgd(0.1, momentum=0.9), 0.2, perturb_every=2),
+    aace_jax.aace_cross_entropy,
+  ),
+}
+MLP_SHAPE = dict(features=12, hidden=64, classes=8)
+
+
+def auto_mesh(shape, names):
+  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
+
+
+def tensor_parallel_sharding(shapes, mesh):
+  """Megatron's layout of the MLP on a data x model mesh: w1 split by columns, w2 by rows; the rest replicated.
+
+  Every leaf under a parameter's name (the parameter, its momentum, a kept perturbation) gets its layout.
+  """
+  specs = {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None), "b2": P()}
+
+  def layout(path, leaf):
+    names = [getattr(key, "key", None) for key in path]
+    spec = specs.get(names[-1]) if names and leaf.ndim else None
+    return jax.sharding.NamedSharding(mesh, spec if spec is not None else P())
+
+  return jax.tree_util.tree_map_with_path(layout, shapes)
+
+
+def sharded_state_run(method, layout, steps=3):
+  """`steps` steps of `method` with the state laid out by `layout`, the compiled step's collectives, and the layout."""
+  make_tx, perturbation_loss = SHARDED_STATE_METHODS[method]
+  tx = make_tx()
+  if layout == "fsdp":
+    mesh = auto_mesh((DEVICES,), ("data",))
+    make_layout = lambda shapes: aace_jax.fsdp_sharding(shapes, mesh, "data", min_size=0)
+  else:
+    mesh = auto_mesh((DEVICES // 2, 2), ("data", "model"))
+    make_layout = lambda shapes: tensor_parallel_sharding(shapes, mesh)
+  make_state = lambda: aace_jax.TrainState.create(params=mlp_params(**MLP_SHAPE), tx=tx, rng=jax.random.key(0))
+  sharding = make_layout(jax.eval_shape(make_state))  # from shapes alone: tx.init on ShapeDtypeStructs
+  state = jax.jit(make_state, out_shardings=sharding)()  # created in place, never whole on one device
+  step = aace_jax.make_train_step(mlp_apply, tx, perturbation_loss=perturbation_loss)
+  run = aace_jax.shard_step(step, mesh, "data", state_sharding=sharding)
+  batch = make_batch(n=BATCH, classes=MLP_SHAPE["classes"])
+  hlo = (
+    jax.jit(
+      step.fn, in_shardings=(sharding, jax.sharding.NamedSharding(mesh, P("data"))), out_shardings=(sharding, None)
+    )
+    .lower(state, batch)
+    .compile()
+    .as_text()
+  )
+  for _ in range(steps):
+    state, metrics = run(state, batch)
+  collectives = {op: len(re.findall(rf"\b{op}(?:-start)?\(", hlo)) for op in ("all-gather", "all-to-all", "all-reduce")}
+  return state, metrics, collectives, sharding
+
+
+def single_device_run(method, steps=3):
+  make_tx, perturbation_loss = SHARDED_STATE_METHODS[method]
+  tx = make_tx()
+  state = aace_jax.TrainState.create(params=mlp_params(**MLP_SHAPE), tx=tx, rng=jax.random.key(0))
+  batch = make_batch(n=BATCH, classes=MLP_SHAPE["classes"])
+  return run_single({"perturbation_loss": perturbation_loss}, tx, state, batch, steps)
+
+
+def assert_layout_kept(state, sharding):
+  for (path, leaf), expected in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(sharding)):
+    assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("method", SHARDED_STATE_METHODS)
+def test_an_fsdp_state_gathers_each_parameter_once_per_pass_and_equals_one_device(method):
+  state, metrics, collectives, sharding = sharded_state_run(method, "fsdp")
+  # The model's own need: each of the 4 parameters, split over "data", is gathered to compute each pass
+  # (two passes for a sharpness-aware step, one for SGD); the update, its norms and checks gather nothing.
+  passes = 1 if method == "sgd" else 2
+  assert collectives["all-gather"] == 4 * passes, collectives
+  assert collectives["all-to-all"] == 0
+  assert_layout_kept(state, sharding)
+  kept = (
+    jax.tree.leaves(aace_jax._sam.find_states(state.opt_state, aace_jax.SAMState)[0].kept_perturbation)
+    if method == "aace_sam_k2"
+    else []
+  )
+  assert len(kept) == (4 if method == "aace_sam_k2" else 0)
+  expected, expected_metrics = single_device_run(method)
+  assert_trees_close(state.params, expected.params)
+  assert_trees_close(metrics, expected_metrics)
+  assert metrics["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("method", ["sgd", "aace_sam", "sam"])
+def test_a_tensor_parallel_state_needs_no_gather_at_all(method):
+  """On a data x model mesh with Megatron's layout the model needs only all-reduces, and so does the whole step."""
+  state, metrics, collectives, sharding = sharded_state_run(method, "tensor_parallel")
+  assert collectives["all-gather"] == 0 and collectives["all-to-all"] == 0, collectives
+  assert_layout_kept(state, sharding)
+  expected, expected_metrics = single_device_run(method)
+  assert_trees_close(state.params, expected.params)
+  assert_trees_close(metrics, expected_metrics)
+
+
+def test_sharded_state_arguments_are_checked():
+  tx = optax.sgd(0.1)
+  mesh = auto_mesh((DEVICES,), ("data",))
+  state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
+  sharding = aace_jax.fsdp_sharding(state, mesh, min_size=0)
+  replicated_step = aace_jax.make_train_step(mlp_apply, tx, axis_name="data")
+  global_step = aace_jax.make_train_step(mlp_apply, tx)
+  with pytest.raises(ValueError, match="averages over axis_name='data' .* build it with axis_name=None"):
+    aace_jax.shard_step(replicated_step, mesh, "data", state_sharding=sharding)
+  with pytest.raises(ValueError, match=r"axis_name=None, which runs on a sharded state: give its layout"):
+    aace_jax.shard_step(global_step, mesh)
+  with pytest.raises(ValueError, match=r"data_axis must name the mesh axis .* \('data',\); got None"):
+    aace_jax.shard_step(global_step, mesh, state_sharding=sharding)
+  with pytest.raises(ValueError, match=r"axes of type Auto.*\['data'\] are Explicit"):
+    aace_jax.shard_step(global_step, data_mesh(), "data", state_sharding=sharding)
+  with pytest.raises(ValueError, match="fsdp_sharding: mesh axes \\('data',\\) have no 'model'"):
+    aace_jax.fsdp_sharding(state, mesh, "model")
+
+
+def test_fsdp_sharding_splits_the_largest_divisible_dimension_of_large_arrays():
+  mesh = auto_mesh((DEVICES,), ("data",))
+  shapes = {
+    "kernel": jax.ShapeDtypeStruct((3, 3, 16, 64), jnp.float32),
+    "odd": jax.ShapeDtypeStruct((7, 9), jnp.float32),
+    "small": jax.ShapeDtypeStruct((16,), jnp.float32),
+    "step": jax.ShapeDtypeStruct((), jnp.int32),
+    "key": jax.random.key(0),
+  }
+  layout = jax.tree.map(lambda s: s.spec, aace_jax.fsdp_sharding(shapes, mesh, min_size=64))
+  assert layout == {"kernel": P(None, None, None, "data"), "odd": P(), "small": P(), "step": P(), "key": P()}
