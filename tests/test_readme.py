@@ -7,6 +7,7 @@ against what the trainer tells users.
 """
 
 import importlib
+import importlib.util
 import pathlib
 import re
 import shlex
@@ -94,6 +95,12 @@ def test_shell_command(line):
       dataset = words[2]
       assert dataset in input_pipeline.DATASETS
       assert "--file_format=array_record" in words
+    elif words[:2] == ["python", "examples/language_model.py"]:
+      # Run in tests/test_language_model_example.py; its arguments are checked here.
+      spec = importlib.util.spec_from_file_location("language_model", REPO / words[1])
+      example = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(example)
+      example.parse_args(words[2:])
     elif command in NOT_RUN_HERE:
       not_run.append(command)
     elif words[0] == "python" and words[1] in (
