@@ -33,3 +33,21 @@ def check_in_range(owner: str, name: str, value, low: float, high: float):
     raise TypeError(f"{owner}: {name} must be a real number, got {value!r}.")
   if not low <= float(array) <= high:
     raise ValueError(f"{owner}: {name} must lie in [{low}, {high}], got {value!r}.")
+
+
+def check_bool(owner: str, name: str, value, *, allow_none: bool = False) -> None:
+  """Raises `TypeError` unless `value` is a Python bool (or None, when allowed)."""
+  if not (isinstance(value, bool) or (allow_none and value is None)):
+    raise TypeError(f"{owner}: {name} must be {'None or ' if allow_none else ''}a bool, got {value!r}.")
+
+
+def check_positive_int(owner: str, name: str, value) -> None:
+  """Raises `ValueError` unless `value` is a Python int >= 1 (not a bool)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}.")
+
+
+def check_fraction(owner: str, name: str, value) -> None:
+  """Raises `ValueError` unless `value` is a Python number in (0, 1]."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
+    raise ValueError(f"{owner}: {name} must be a number in (0, 1], got {value!r}.")

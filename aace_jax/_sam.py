@@ -323,7 +323,9 @@ def _sharpness_aware(
         f"{owner}.update needs grad_fn=, a function mapping parameters to the"
         " gradients of the training loss; it is called at the perturbed parameters. A wrapper"
         f" that does not pass extra arguments on drops it: optax.lookahead around {owner} is not"
-        " supported (optax.with_extra_args_support(optax.lookahead(...)) drops grad_fn)."
+        " supported (optax.with_extra_args_support(optax.lookahead(...)) drops grad_fn), and"
+        " optax.MultiSteps, which make_train_step receives as such a wrapper, is refused: accumulate"
+        " gradients with make_train_step(..., grad_accum_steps=k)."
       )
     if params is None:
       raise ValueError(f"{owner}.update needs params: the perturbation is applied to them.")

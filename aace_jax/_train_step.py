@@ -7,6 +7,7 @@ compiled step is one XLA program with no host round trip.
 """
 
 import dataclasses
+import functools
 import inspect
 from typing import Any
 from typing import Callable
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from aace_jax import _checks
 from aace_jax import _losses
 from aace_jax import _sam
 from aace_jax._norms import all_finite
@@ -286,38 +288,305 @@ def _learning_rate(opt_state) -> Optional[jax.Array]:
   return None
 
 
-def _value_and_grad(fn, params, batch, micro_batches: int):
-  """`fn(params, batch, index) -> (objective, (weight_sum, aux))`: the value and gradient over micro-batches.
+@dataclasses.dataclass(frozen=True)
+class _StepSettings:
+  """What :func:`make_train_step` was built with, checked; the first argument of the step's functions."""
 
-  `weight_sum` is None for an objective that is a mean: the value and
-  gradient returned are then the mean over micro-batches. Otherwise the
-  objective is a weighted sum, and the sums of the values, weights and
-  gradients are returned, for the caller to divide. With one micro-batch
-  this is `jax.value_and_grad`; with k it scans over k equal slices of the
-  batch, holding one slice's activations at a time, and returns the stacked
-  `aux` of each slice.
+  model_fn: LogitsFn
+  tx: optax.GradientTransformationExtraArgs
+  perturbation_loss: PerExampleLoss
+  loss: PerExampleLoss
+  axis_name: Optional[str]
+  sync_perturbation: bool
+  grad_accum_steps: int
+  perturbation_batch_fraction: float
+  new_perturbation: Optional[bool]
+  skip_nonfinite: bool
+  extra_metrics: dict
+
+
+class _Pass(NamedTuple):
+  """One forward and backward pass over a (per-device) batch.
+
+  Attributes:
+    value: the objective's mean on this device (weighted, with weights).
+    outputs: the model's :class:`LossInputs` over the whole batch, micro-batches merged.
+    grads: the objective's mean gradient, over every device's batch when the pass averaged over devices.
   """
-  if micro_batches == 1:
-    (value, (weight_sum, aux)), grads = jax.value_and_grad(fn, has_aux=True)(params, batch, 0)
-    return value, weight_sum, aux, grads
-  size = _batch_size("make_train_step", batch)
-  if size % micro_batches:
-    raise ValueError(
-      f"make_train_step: a batch of {size} examples does not split into"
-      f" grad_accum_steps={micro_batches} equal micro-batches."
-    )
-  split = lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
 
-  def accumulate(grad_sum, micro):
-    (value, aux), grads = jax.value_and_grad(fn, has_aux=True)(params, *micro)
-    return jax.tree.map(jnp.add, grad_sum, grads), (value, aux)
+  value: jax.Array
+  outputs: LossInputs
+  grads: Any
 
-  grad_sum, (values, (weight_sums, aux)) = jax.lax.scan(
-    accumulate, jax.tree.map(jnp.zeros_like, params), (jax.tree.map(split, batch), jnp.arange(micro_batches))
+
+class _Update(NamedTuple):
+  """What an update path of the step gives back before the non-finite guard."""
+
+  updates: Any
+  model_state: Any
+  opt_state: optax.OptState
+  metrics: Metrics
+  finite: jax.Array
+
+
+def _average(tree, axis_name: Optional[str]):
+  return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def _objective(loss_fn: PerExampleLoss, outputs: LossInputs, **extra):
+  """`(objective, weight_sum)`: the batch mean of `loss_fn` (weight_sum None), or, with weights, its weighted sum."""
+  per_target = loss_fn(outputs.logits, outputs.targets, **extra)
+  if outputs.weights is None:
+    return per_target.mean(), None
+  return jnp.sum(upcast(per_target) * outputs.weights), jnp.sum(outputs.weights)
+
+
+def _merged(outputs: LossInputs) -> LossInputs:
+  """Outputs stacked over micro-batches as one batch: the model state averaged over them."""
+  flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])
+  return LossInputs(
+    flat(outputs.logits),
+    flat(outputs.targets),
+    flat(outputs.weights),
+    jax.tree.map(lambda x: x.mean(0), outputs.model_state),
   )
-  if weight_sums is None:
-    return values.mean(), None, aux, jax.tree.map(lambda g: g / micro_batches, grad_sum)
-  return values.sum(), weight_sums.sum(), aux, grad_sum
+
+
+def _run_pass(settings: _StepSettings, params, batch, forward, loss_fn, *, loss_key=None, over_devices: bool) -> _Pass:
+  """The value and gradient of `loss_fn` at `params` over `batch`, its micro-batches and, when `over_devices`, devices.
+
+  With k micro-batches a scan takes k equal slices of the batch, holding one
+  slice's activations at a time. A mean objective is averaged over
+  micro-batches and devices; a weighted one is summed and divided by the sum
+  of the weights, over all devices for the gradient. `loss_key`, folded with
+  the micro-batch index, goes to a loss that takes `key`.
+  """
+
+  def objective(params, batch, index):
+    outputs = forward(params, batch, index)
+    extra = {} if loss_key is None else {"key": jax.random.fold_in(loss_key, index)}
+    value, weight_sum = _objective(loss_fn, outputs, **extra)
+    return value, (weight_sum, outputs)
+
+  micro_batches = settings.grad_accum_steps
+  if micro_batches == 1:
+    (value, (weight_sum, outputs)), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, 0)
+  else:
+    size = _batch_size("make_train_step", batch)
+    if size % micro_batches:
+      raise ValueError(
+        f"make_train_step: a batch of {size} examples does not split into"
+        f" grad_accum_steps={micro_batches} equal micro-batches."
+      )
+    split = lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+
+    def accumulate(grad_sum, micro):
+      (value, aux), grads = jax.value_and_grad(objective, has_aux=True)(params, *micro)
+      return jax.tree.map(jnp.add, grad_sum, grads), (value, aux)
+
+    grad_sum, (values, (weight_sums, outputs)) = jax.lax.scan(
+      accumulate, jax.tree.map(jnp.zeros_like, params), (jax.tree.map(split, batch), jnp.arange(micro_batches))
+    )
+    outputs = _merged(outputs)
+    if weight_sums is None:
+      value, weight_sum, grads = values.mean(), None, jax.tree.map(lambda g: g / micro_batches, grad_sum)
+    else:
+      value, weight_sum, grads = values.sum(), weight_sums.sum(), grad_sum
+  if weight_sum is None:
+    return _Pass(value, outputs, _average(grads, settings.axis_name) if over_devices else grads)
+  value = value / jnp.where(weight_sum > 0, weight_sum, 1)
+  if over_devices and settings.axis_name is not None:
+    weight_sum, grads = jax.lax.psum((weight_sum, grads), settings.axis_name)
+  scale = 1 / jnp.where(weight_sum > 0, weight_sum, 1)
+  return _Pass(value, outputs, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads))
+
+
+def _observed_metrics(settings: _StepSettings, outputs: LossInputs, loss_rng) -> Metrics:
+  """What a pass's logits tell, for observation (no gradient flows from here): loss, accuracy, extra metrics."""
+  logits, targets, weights = outputs.logits, outputs.targets, outputs.weights
+  metrics = {
+    "loss": _batch_mean(settings.loss(logits, targets), weights),
+    "accuracy": _batch_mean(jnp.argmax(logits, -1) == targets, weights),
+  }
+  for name, fn in settings.extra_metrics.items():
+    extra = {"key": loss_rng} if _accepts_key(fn) else {}
+    metrics[name] = jax.lax.stop_gradient(_batch_mean(fn(logits, targets, **extra), weights))
+  return metrics
+
+
+def _perturbation_objective(settings: _StepSettings, outputs: LossInputs, loss_rng) -> jax.Array:
+  extra = {"key": loss_rng} if _accepts_key(settings.perturbation_loss) else {}
+  return _batch_mean(settings.perturbation_loss(outputs.logits, outputs.targets, **extra), outputs.weights)
+
+
+def _first_pass_batch(settings: _StepSettings, batch):
+  """The leading `perturbation_batch_fraction` of a (per-device) batch, the first pass's part."""
+  fraction = settings.perturbation_batch_fraction
+  if fraction == 1:
+    return batch
+  size = _batch_size("make_train_step", batch)
+  count = round(fraction * size)
+  if count < settings.grad_accum_steps or count % settings.grad_accum_steps:
+    raise ValueError(
+      f"make_train_step: perturbation_batch_fraction={fraction} of a batch of {size} examples is {count},"
+      f" which does not split into grad_accum_steps={settings.grad_accum_steps} equal micro-batches."
+    )
+  return jax.tree.map(lambda x: x[:count], batch)
+
+
+def _first_pass(settings: _StepSettings, state: TrainState, batch, forward, loss_rng):
+  """The first pass where the update needs it: `(opt_state, due, pass)`.
+
+  `due` is None when every update perturbs anew, else whether this one does
+  (a bool, or a traced one decided on the device); when it does not, the
+  pass is zeros (under a conditional when `due` is traced: the pass does not
+  run).
+  """
+  opt_state = state.opt_state
+  due = _sam.perturbation_due(opt_state)
+  if due is not None:
+    if settings.axis_name is not None and not settings.sync_perturbation and _sam.keeps_perturbation(opt_state):
+      raise ValueError(
+        "make_train_step: sync_perturbation=False with a kept perturbation (perturb_every > 1,"
+        " reuse_perturbation=True) would keep a different perturbation on each device in a state that"
+        " must be the same on all; use sync_perturbation=True, or reuse_perturbation=False."
+      )
+    if settings.new_perturbation is not None:
+      due = settings.new_perturbation
+      opt_state = _sam.with_perturbation_due(opt_state, due)
+  loss_key = loss_rng if _accepts_key(settings.perturbation_loss) else None
+  first_batch = _first_pass_batch(settings, batch)
+
+  def run():
+    return _run_pass(
+      settings,
+      state.params,
+      first_batch,
+      forward,
+      settings.perturbation_loss,
+      loss_key=loss_key,
+      over_devices=settings.sync_perturbation,
+    )
+
+  skipped = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run))
+  if due is None or due is True:
+    return opt_state, due, run()
+  if due is False:
+    return opt_state, due, skipped()
+  # A conditional, not a select: between perturbations the first pass does not run.
+  return opt_state, due, jax.lax.cond(due, run, skipped)
+
+
+def _sharpness_aware_update(settings: _StepSettings, state: TrainState, batch, forward, loss_rng) -> _Update:
+  """The first pass (where `tx` needs it), the perturbation and the pass at w_adv through `tx`'s `grad_fn`."""
+  opt_state, due, first = _first_pass(settings, state, batch, forward, loss_rng)
+  second_passes = []
+
+  def grad_fn(perturbed_params):
+    second = _run_pass(settings, perturbed_params, batch, forward, settings.loss, over_devices=True)
+    second_passes.append(second)
+    return _average(second.value, settings.axis_name), second.grads
+
+  updates, opt_state = settings.tx.update(first.grads, opt_state, state.params, grad_fn=grad_fn)
+  sam_states = _sam.find_states(opt_state, _sam.SAMState)
+  sam_state = sam_states[0] if sam_states else None
+  missing = jnp.full([], jnp.nan, jnp.float32)
+  metrics = {
+    "perturbation_loss": first.value,
+    "perturbed_loss": sam_state.perturbed_loss if sam_state else missing,
+    "grad_norm": sam_state.perturbed_grad_norm if sam_state else missing,
+    "perturbation_grad_norm": sam_state.perturbation_grad_norm if sam_state else missing,
+    "perturbation_norm": sam_state.perturbation_norm if sam_state else missing,
+    **_observed_metrics(settings, first.outputs, loss_rng),
+  }
+  model_state = first.outputs.model_state
+  if due is not None and due is not True:
+    # Between perturbations the pass at w_adv is the only one: what the
+    # first pass would report (and the BatchNorm statistics) comes from it.
+    (only,) = second_passes
+    only_metrics = {
+      **_observed_metrics(settings, only.outputs, loss_rng),
+      "perturbation_loss": _perturbation_objective(settings, only.outputs, loss_rng),
+    }
+    if due is False:
+      metrics.update(only_metrics)
+      model_state = only.outputs.model_state
+    else:
+      metrics.update({name: jnp.where(due, metrics[name], value) for name, value in only_metrics.items()})
+      model_state = jax.lax.cond(due, lambda: first.outputs.model_state, lambda: only.outputs.model_state)
+  # The gradient at w_adv is checked through its norm, which is non-finite when it is.
+  finite = all_finite(first.grads) & (jnp.isfinite(metrics["grad_norm"]) | (sam_state is None))
+  return _Update(updates, model_state, opt_state, metrics, finite)
+
+
+def _plain_update(settings: _StepSettings, state: TrainState, batch, forward, loss_rng) -> _Update:
+  """One pass on `loss`; the perturbation loss is reported, not differentiated."""
+  only = _run_pass(settings, state.params, batch, forward, settings.loss, over_devices=True)
+  updates, opt_state = settings.tx.update(only.grads, state.opt_state, state.params)
+  metrics = {
+    "perturbation_loss": _perturbation_objective(settings, only.outputs, loss_rng),
+    "perturbed_loss": only.value,
+    "grad_norm": global_norm(only.grads),
+    "perturbation_grad_norm": jnp.zeros([]),
+    "perturbation_norm": jnp.zeros([]),
+    **_observed_metrics(settings, only.outputs, loss_rng),
+  }
+  return _Update(updates, only.outputs.model_state, opt_state, metrics, all_finite(only.grads))
+
+
+def _step_keys(settings: _StepSettings, state: TrainState) -> tuple[jax.Array, jax.Array]:
+  """The step's model key (dropout: the same in both passes) and loss key."""
+  rng = jax.random.fold_in(state.rng, state.step)
+  if settings.axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(settings.axis_name))
+  model_rng, loss_rng = jax.random.split(rng)
+  return model_rng, loss_rng
+
+
+def _train_step(settings: _StepSettings, state: TrainState, batch) -> tuple[TrainState, Metrics]:
+  """One step of :func:`make_train_step`: the update, the non-finite guard, the metrics."""
+  model_rng, loss_rng = _step_keys(settings, state)
+
+  def forward(params, batch, index) -> LossInputs:
+    """Training-mode outputs of micro-batch `index` (the same key in both passes)."""
+    rng = jax.random.fold_in(model_rng, index)
+    return _checked_loss_inputs(
+      "make_train_step", settings.model_fn(params, state.model_state, batch, train=True, rng=rng)
+    )
+
+  if _calls_grad_fn(settings.tx, state.opt_state, state.params):
+    update = _sharpness_aware_update(settings, state, batch, forward, loss_rng)
+  elif settings.perturbation_batch_fraction != 1:
+    raise ValueError(
+      f"make_train_step: perturbation_batch_fraction={settings.perturbation_batch_fraction} needs a"
+      " sharpness-aware tx (aace_sam, sam); this tx takes one pass."
+    )
+  else:
+    update = _plain_update(settings, state, batch, forward, loss_rng)
+  metrics = dict(update.metrics, param_norm=global_norm(state.params))
+  learning_rate = _learning_rate(update.opt_state)
+  if learning_rate is not None:
+    metrics["learning_rate"] = learning_rate
+  new = (
+    optax.apply_updates(state.params, update.updates),
+    _average(update.model_state, settings.axis_name),
+    update.opt_state,
+  )
+  finite = update.finite
+  if settings.skip_nonfinite:
+    # A finite gradient can still give a non-finite state (a NaN learning
+    # rate, BatchNorm statistics overflowing on a huge input).
+    finite = finite & all_finite(new)
+    if settings.axis_name is not None:  # every replica must take the same decision
+      finite = jax.lax.pmin(finite.astype(jnp.int32), settings.axis_name) > 0
+    # One conditional, not a select per leaf: thousands of selects sharing
+    # one predicate made XLA's fusion pass grow with the cube of the depth
+    # (PyramidNet at depth 38: 118 s to compile against 16 s this way).
+    new = jax.lax.cond(finite, lambda: new, lambda: (state.params, state.model_state, state.opt_state))
+  metrics["skipped_steps"] = 1 - finite.astype(jnp.float32) if settings.skip_nonfinite else jnp.zeros([])
+  params, model_state, opt_state = new
+  new_state = state._replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
+  return new_state, _average({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}, settings.axis_name)
 
 
 def make_train_step(
@@ -498,256 +767,32 @@ def make_train_step(
   if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
     raise TypeError(f"make_train_step: tx must be an optax transformation (init, update), got {tx!r}.")
   model_fn = _one_model_fn("make_train_step", apply_fn, logits_fn)
-  for name, flag in (("sync_perturbation", sync_perturbation), ("skip_nonfinite", skip_nonfinite)):
-    if not isinstance(flag, bool):
-      raise TypeError(f"make_train_step: {name} must be a bool, got {flag!r}.")
-  if new_perturbation is not None and not isinstance(new_perturbation, bool):
-    raise TypeError(f"make_train_step: new_perturbation must be None or a bool, got {new_perturbation!r}.")
-  if isinstance(grad_accum_steps, bool) or not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
-    raise ValueError(f"make_train_step: grad_accum_steps must be a positive int, got {grad_accum_steps!r}.")
+  _checks.check_bool("make_train_step", "sync_perturbation", sync_perturbation)
+  _checks.check_bool("make_train_step", "skip_nonfinite", skip_nonfinite)
+  _checks.check_bool("make_train_step", "new_perturbation", new_perturbation, allow_none=True)
+  _checks.check_positive_int("make_train_step", "grad_accum_steps", grad_accum_steps)
+  _checks.check_fraction("make_train_step", "perturbation_batch_fraction", perturbation_batch_fraction)
   if axis_name is not None and not isinstance(axis_name, str):
     raise TypeError(f"make_train_step: axis_name must be a str or None, got {axis_name!r}.")
-  if (
-    isinstance(perturbation_batch_fraction, bool)
-    or not isinstance(perturbation_batch_fraction, (int, float))
-    or not 0 < perturbation_batch_fraction <= 1
-  ):
-    raise ValueError(
-      f"make_train_step: perturbation_batch_fraction must be a number in (0, 1], got {perturbation_batch_fraction!r}."
-    )
   extra_metrics = dict(extra_metrics or {})
   if set(STEP_METRICS) & set(extra_metrics):
     raise ValueError(
       f"make_train_step: extra_metrics may not reuse the names {sorted(set(STEP_METRICS) & set(extra_metrics))}."
     )
-  tx = optax.with_extra_args_support(tx)
-  perturbation_takes_key = _accepts_key(perturbation_loss)
-
-  def average(tree):
-    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
-
-  def normalized(value, weight_sum, grads, *, over_devices: bool):
-    """A pass's mean value on this device and its mean gradient, over every device's batch when `over_devices`.
-
-    A mean objective (`weight_sum` None) is averaged as it is; a weighted
-    sum is divided by the sum of the weights, over all devices for the
-    gradient, so that the gradient is the global weighted mean's.
-    """
-    if weight_sum is None:
-      return value, average(grads) if over_devices else grads
-    value = value / jnp.where(weight_sum > 0, weight_sum, 1)
-    if over_devices and axis_name is not None:
-      weight_sum, grads = jax.lax.psum((weight_sum, grads), axis_name)
-    scale = 1 / jnp.where(weight_sum > 0, weight_sum, 1)
-    return value, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
-
-  def _first_pass_examples(batch_size: int) -> Optional[int]:
-    """How many leading examples of a (per-device) batch the first pass takes; None: all of them."""
-    if perturbation_batch_fraction == 1:
-      return None
-    count = round(perturbation_batch_fraction * batch_size)
-    if count < grad_accum_steps or count % grad_accum_steps:
-      raise ValueError(
-        f"make_train_step: perturbation_batch_fraction={perturbation_batch_fraction} of a batch of {batch_size}"
-        f" examples is {count}, which does not split into grad_accum_steps={grad_accum_steps} equal micro-batches."
-      )
-    return count
-
-  def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
-    """The step's model key (dropout: the same in both passes) and loss key."""
-    rng = jax.random.fold_in(state.rng, state.step)
-    if axis_name is not None:
-      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    model_rng, loss_rng = jax.random.split(rng)
-    return model_rng, loss_rng
-
-  def first_pass_metrics(outputs: LossInputs, loss_rng) -> Metrics:
-    """What a pass's logits tell, for observation: no gradient flows from here."""
-    logits, targets, weights = outputs.logits, outputs.targets, outputs.weights
-    metrics = {
-      "loss": _batch_mean(loss(logits, targets), weights),
-      "accuracy": _batch_mean(jnp.argmax(logits, -1) == targets, weights),
-    }
-    for name, fn in extra_metrics.items():
-      extra = {"key": loss_rng} if _accepts_key(fn) else {}
-      metrics[name] = jax.lax.stop_gradient(_batch_mean(fn(logits, targets, **extra), weights))
-    return metrics
-
-  def merged(outputs: LossInputs) -> LossInputs:
-    """A pass's outputs over the whole (per-device) batch, micro-batches merged."""
-    if grad_accum_steps == 1:
-      return outputs
-    flat = lambda x: None if x is None else x.reshape(-1, *x.shape[2:])
-    return LossInputs(
-      flat(outputs.logits),
-      flat(outputs.targets),
-      flat(outputs.weights),
-      jax.tree.map(lambda x: x.mean(0), outputs.model_state),
-    )
-
-  def objective(fn, outputs: LossInputs, **extra):
-    """`(objective, weight_sum)` of a pass: the batch mean of `fn` (weight_sum None), or its weighted sum."""
-    per_target = fn(outputs.logits, outputs.targets, **extra)
-    if outputs.weights is None:
-      return per_target.mean(), None
-    return jnp.sum(upcast(per_target) * outputs.weights), jnp.sum(outputs.weights)
-
-  def perturbation_objective(outputs: LossInputs, loss_rng):
-    extra = {"key": loss_rng} if perturbation_takes_key else {}
-    return _batch_mean(perturbation_loss(outputs.logits, outputs.targets, **extra), outputs.weights)
-
-  def sharpness_aware_update(state, batch, forward, loss_rng):
-    """Both passes (the first only when `tx` needs it); the update, new model and optimizer states, metrics."""
-    first_batch = batch
-    first_examples = _first_pass_examples(_batch_size("make_train_step", batch))
-    if first_examples is not None:
-      first_batch = jax.tree.map(lambda x: x[:first_examples], batch)
-
-    def first_pass(params, batch, index):
-      outputs = forward(params, batch, index)
-      extra = {"key": jax.random.fold_in(loss_rng, index)} if perturbation_takes_key else {}
-      value, weight_sum = objective(perturbation_loss, outputs, **extra)
-      return value, (weight_sum, outputs)
-
-    def run_first_pass():
-      value, weight_sum, outputs, grads = _value_and_grad(first_pass, state.params, first_batch, grad_accum_steps)
-      value, grads = normalized(value, weight_sum, grads, over_devices=sync_perturbation)
-      return value, merged(outputs), grads
-
-    opt_state = state.opt_state
-    due = _sam.perturbation_due(opt_state)  # None: every update perturbs anew
-    if due is not None:
-      if axis_name is not None and not sync_perturbation and _sam.keeps_perturbation(opt_state):
-        raise ValueError(
-          "make_train_step: sync_perturbation=False with a kept perturbation (perturb_every > 1,"
-          " reuse_perturbation=True) would keep a different perturbation on each device in a state that"
-          " must be the same on all; use sync_perturbation=True, or reuse_perturbation=False."
-        )
-      if new_perturbation is not None:
-        opt_state, due = _sam.with_perturbation_due(opt_state, new_perturbation), new_perturbation
-    skipped_first_pass = lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run_first_pass))
-    if due is None or due is True:
-      first = run_first_pass()
-    elif due is False:
-      first = skipped_first_pass()
-    else:
-      # A conditional, not a select: between perturbations the first pass does not run.
-      first = jax.lax.cond(due, run_first_pass, skipped_first_pass)
-    perturbation_value, first_outputs, grads = first
-    new_model_state = first_outputs.model_state
-    second_pass_outputs = []
-
-    def grad_fn(perturbed_params):
-      def second_pass(params, batch, index):
-        outputs = forward(params, batch, index)
-        value, weight_sum = objective(loss, outputs)
-        return value, (weight_sum, outputs)
-
-      value, weight_sum, outputs, perturbed_grads = _value_and_grad(
-        second_pass, perturbed_params, batch, grad_accum_steps
-      )
-      second_pass_outputs.append(merged(outputs))
-      value, perturbed_grads = normalized(value, weight_sum, perturbed_grads, over_devices=True)
-      return average(value), perturbed_grads
-
-    updates, opt_state = tx.update(grads, opt_state, state.params, grad_fn=grad_fn)
-    sam_states = _sam.find_states(opt_state, _sam.SAMState)
-    missing = jnp.full([], jnp.nan, jnp.float32)
-    sam_state = sam_states[0] if sam_states else None
-    metrics = {
-      "perturbation_loss": perturbation_value,
-      "perturbed_loss": sam_state.perturbed_loss if sam_state else missing,
-      "grad_norm": sam_state.perturbed_grad_norm if sam_state else missing,
-      "perturbation_grad_norm": sam_state.perturbation_grad_norm if sam_state else missing,
-      "perturbation_norm": sam_state.perturbation_norm if sam_state else missing,
-      **first_pass_metrics(first_outputs, loss_rng),
-    }
-    if due is not None and due is not True:
-      # Between perturbations the pass at w_adv is the only one: what the
-      # first pass would report (and the BatchNorm statistics) comes from it.
-      (only_outputs,) = second_pass_outputs
-      only_pass = {
-        **first_pass_metrics(only_outputs, loss_rng),
-        "perturbation_loss": perturbation_objective(only_outputs, loss_rng),
-      }
-      if due is False:
-        metrics.update(only_pass)
-        new_model_state = only_outputs.model_state
-      else:
-        metrics.update({name: jnp.where(due, metrics[name], value) for name, value in only_pass.items()})
-        new_model_state = jax.lax.cond(due, lambda: new_model_state, lambda: only_outputs.model_state)
-    # The gradient at w_adv is checked through its norm, which is non-finite when it is.
-    finite = all_finite(grads) & (jnp.isfinite(metrics["grad_norm"]) | (sam_state is None))
-    return updates, new_model_state, opt_state, metrics, finite
-
-  def plain_update(state, batch, forward, loss_rng):
-    """One pass on `loss`; the perturbation loss is reported, not differentiated."""
-
-    def only_pass(params, batch, index):
-      outputs = forward(params, batch, index)
-      value, weight_sum = objective(loss, outputs)
-      return value, (weight_sum, outputs)
-
-    value, weight_sum, outputs, grads = _value_and_grad(only_pass, state.params, batch, grad_accum_steps)
-    outputs = merged(outputs)
-    value, grads = normalized(value, weight_sum, grads, over_devices=True)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = {
-      "perturbation_loss": perturbation_objective(outputs, loss_rng),
-      "perturbed_loss": value,
-      "grad_norm": global_norm(grads),
-      "perturbation_grad_norm": jnp.zeros([]),
-      "perturbation_norm": jnp.zeros([]),
-      **first_pass_metrics(outputs, loss_rng),
-    }
-    return updates, outputs.model_state, opt_state, metrics, all_finite(grads)
-
-  def step(state: TrainState, batch) -> tuple[TrainState, Metrics]:
-    if _sam.find_states(state.opt_state, optax.MultiStepsState):
-      raise ValueError(
-        "make_train_step: optax.MultiSteps is not supported here (it would perturb with the mean"
-        " gradient and update with the last micro-batch's); accumulate gradients with"
-        " make_train_step(..., grad_accum_steps=k) instead."
-      )
-    model_rng, loss_rng = step_keys(state)
-
-    def forward(params, batch, index) -> LossInputs:
-      """Training-mode outputs of micro-batch `index` (the same key in both passes)."""
-      rng = jax.random.fold_in(model_rng, index)
-      return _checked_loss_inputs("make_train_step", model_fn(params, state.model_state, batch, train=True, rng=rng))
-
-    if _calls_grad_fn(tx, state.opt_state, state.params):
-      update = sharpness_aware_update
-    elif perturbation_batch_fraction != 1:
-      raise ValueError(
-        f"make_train_step: perturbation_batch_fraction={perturbation_batch_fraction} needs a sharpness-aware tx"
-        " (aace_sam, sam); this tx takes one pass."
-      )
-    else:
-      update = plain_update
-    updates, new_model_state, opt_state, metrics, finite = update(state, batch, forward, loss_rng)
-    metrics["param_norm"] = global_norm(state.params)
-    learning_rate = _learning_rate(opt_state)
-    if learning_rate is not None:
-      metrics["learning_rate"] = learning_rate
-    updated = (optax.apply_updates(state.params, updates), average(new_model_state), opt_state)
-    if skip_nonfinite:
-      # A finite gradient can still give a non-finite state (a NaN learning
-      # rate, BatchNorm statistics overflowing on a huge input).
-      finite = finite & all_finite(updated)
-      if axis_name is not None:  # every replica must take the same decision
-        finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
-      current = (state.params, state.model_state, state.opt_state)
-      # One conditional, not a select per leaf: thousands of selects sharing
-      # one predicate made XLA's fusion pass grow with the cube of the depth
-      # (PyramidNet at depth 38: 118 s to compile against 16 s this way).
-      updated = jax.lax.cond(finite, lambda: updated, lambda: current)
-    metrics["skipped_steps"] = 1 - finite.astype(jnp.float32) if skip_nonfinite else jnp.zeros([])
-    params, model_state, opt_state = updated
-    new_state = state._replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
-    return new_state, average({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
-
-  return Step(step, axis_name=axis_name, returns_state=True)
+  settings = _StepSettings(
+    model_fn=model_fn,
+    tx=optax.with_extra_args_support(tx),
+    perturbation_loss=perturbation_loss,
+    loss=loss,
+    axis_name=axis_name,
+    sync_perturbation=sync_perturbation,
+    grad_accum_steps=grad_accum_steps,
+    perturbation_batch_fraction=perturbation_batch_fraction,
+    new_perturbation=new_perturbation,
+    skip_nonfinite=skip_nonfinite,
+    extra_metrics=extra_metrics,
+  )
+  return Step(functools.partial(_train_step, settings), axis_name=axis_name, returns_state=True)
 
 
 def make_eval_step(

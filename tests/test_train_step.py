@@ -342,7 +342,7 @@ def test_multisteps_is_refused_with_a_pointer_to_grad_accum_steps():
   tx = optax.MultiSteps(aace_jax.aace_sam(optax.sgd(0.1), 0.2), every_k_schedule=2)
   state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
   step = jax.jit(aace_jax.make_train_step(mlp_apply, tx))
-  with pytest.raises(ValueError, match="optax.MultiSteps is not supported here.*grad_accum_steps=k"):
+  with pytest.raises(TypeError, match="optax.MultiSteps, which make_train_step receives .* grad_accum_steps=k"):
     step(state, make_batch())
 
 
