@@ -6,6 +6,8 @@ inner optimizer that updates the unperturbed parameters. They differ in the
 loss the caller differentiates, the direction of the step and its scaling.
 """
 
+import dataclasses
+import functools
 import sys
 import warnings
 from typing import Any
@@ -256,6 +258,139 @@ def _call_grad_fn(owner: str, grad_fn: GradFn, perturbed_params) -> tuple[jax.Ar
   )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """What `_sharpness_aware` was built with, checked; the first argument of its init and update."""
+
+  owner: str
+  inner: optax.GradientTransformationExtraArgs
+  rho: Any
+  sign: float
+  normalize: bool
+  adaptive: bool
+  adaptive_eta: Any
+  adaptive_mask: Optional[PerturbMask]
+  eps: Any
+  max_perturbation_norm: Any
+  perturb_mask: Optional[PerturbMask]
+  batch_axis_name: Optional[str]
+  perturb_every: int
+  keeps: bool
+
+
+def _init(settings: _Settings, params: optax.Params) -> SAMState:
+  # One array per field: a shared buffer could not be donated twice.
+  zero = lambda: jnp.zeros([], jnp.float32)
+  return SAMState(
+    inner_state=settings.inner.init(params),
+    perturbation_grad_norm=zero(),
+    perturbation_norm=zero(),
+    perturbed_loss=zero(),
+    perturbed_grad_norm=zero(),
+    steps_since_perturbation=jnp.zeros([], jnp.int32) if settings.perturb_every > 1 else (),
+    kept_perturbation=jax.tree.map(jnp.zeros_like, params) if settings.keeps else (),
+  )
+
+
+def _fresh_perturbation(settings: _Settings, grads, params, mask, scaled):
+  """`(w_adv, norm of the gradient it came from, kept perturbation or ())` from this update's first-pass gradient."""
+  if settings.batch_axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name=settings.batch_axis_name)
+  # Unperturbed leaves drop out of the direction and of its norm.
+  grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
+  if settings.adaptive:
+    # ASAM: the step is T^2 g / ||T g||, T = |w| + eta on the scaled leaves and 1 on the others.
+    scale_by_t = lambda g, w, t: g * (jnp.abs(upcast(w)) + settings.adaptive_eta).astype(g.dtype) if t else g
+    grads = jax.tree.map(scale_by_t, grads, params, scaled)
+  grad_norm = global_norm(grads)
+  if settings.adaptive:
+    grads = jax.tree.map(scale_by_t, grads, params, scaled)
+  scale = settings.sign * settings.rho
+  if settings.normalize:
+    denominator = grad_norm + settings.eps
+    # A zero gradient gives a zero perturbation even with eps=0.
+    scale = jnp.where(denominator > 0, scale / jnp.where(denominator > 0, denominator, 1), 0)
+  if settings.max_perturbation_norm is not None:
+    # ||e|| = |scale| ||direction||; the direction is g, or T^2 g whose norm is not ||T g||.
+    step_norm = jnp.abs(scale) * (global_norm(grads) if settings.adaptive else grad_norm)
+    longest = settings.max_perturbation_norm
+    too_long = step_norm > longest
+    scale = jnp.where(too_long, scale * longest / jnp.where(too_long, step_norm, 1), scale)
+  perturbed_params = jax.tree.map(
+    lambda w, g, m: (w + scale * upcast(g)).astype(w.dtype) if m else w, params, grads, mask
+  )
+  kept = ()
+  if settings.keeps:
+    kept = jax.tree.map(lambda w_adv, w: (w_adv - w).astype(w.dtype), perturbed_params, params)
+  return perturbed_params, grad_norm.astype(jnp.float32), kept
+
+
+def _between_perturbations(settings: _Settings, state: SAMState, params, mask):
+  """w_adv from the kept perturbation (reuse), or w itself (plain steps); the first-pass gradient is unused."""
+  perturbed_params = params
+  if settings.keeps:
+    perturbed_params = jax.tree.map(
+      lambda w, e, m: (w + e).astype(w.dtype) if m else w, params, state.kept_perturbation, mask
+    )
+  return perturbed_params, state.perturbation_grad_norm, state.kept_perturbation
+
+
+def _update(
+  settings: _Settings,
+  updates: optax.Updates,
+  state: SAMState,
+  params: Optional[optax.Params] = None,
+  *,
+  grad_fn: Optional[GradFn] = None,
+  **extra_args,
+) -> tuple[optax.Updates, SAMState]:
+  owner = settings.owner
+  if grad_fn is None:
+    raise TypeError(
+      f"{owner}.update needs grad_fn=, a function mapping parameters to the"
+      " gradients of the training loss; it is called at the perturbed parameters. A wrapper"
+      f" that does not pass extra arguments on drops it: optax.lookahead around {owner} is not"
+      " supported (optax.with_extra_args_support(optax.lookahead(...)) drops grad_fn), and"
+      " optax.MultiSteps, which make_train_step receives as such a wrapper, is refused: accumulate"
+      " gradients with make_train_step(..., grad_accum_steps=k)."
+    )
+  if params is None:
+    raise ValueError(f"{owner}.update needs params: the perturbation is applied to them.")
+  _refuse_wrappers(owner, params)
+  mask = _resolve_mask(owner, "perturb_mask", settings.perturb_mask, params)
+  _warn_if_rounded_away(owner, params, mask)
+  scaled = None
+  if settings.adaptive:
+    adaptive_mask = named_weights if settings.adaptive_mask is None else settings.adaptive_mask
+    scaled = _resolve_mask(owner, "adaptive_mask", adaptive_mask, params)
+  fresh = lambda: _fresh_perturbation(settings, updates, params, mask, scaled)
+  if settings.perturb_every == 1:
+    perturbed_params, grad_norm, kept_perturbation = fresh()
+    steps_since_perturbation = ()
+  else:
+    count = state.steps_since_perturbation
+    perturbed_params, grad_norm, kept_perturbation = jax.lax.cond(
+      count == 0, fresh, lambda: _between_perturbations(settings, state, params, mask)
+    )
+    steps_since_perturbation = (count + 1) % settings.perturb_every
+  perturbation_norm = global_norm(jax.tree.map(lambda w_adv, w: upcast(w_adv) - upcast(w), perturbed_params, params))
+  perturbed_loss, perturbed_grads = _call_grad_fn(owner, grad_fn, perturbed_params)
+  if settings.batch_axis_name is not None:
+    perturbed_loss, perturbed_grads = jax.lax.pmean(
+      (perturbed_loss, perturbed_grads), axis_name=settings.batch_axis_name
+    )
+  updates, inner_state = settings.inner.update(perturbed_grads, state.inner_state, params, **extra_args)
+  return updates, SAMState(
+    inner_state=inner_state,
+    perturbation_grad_norm=grad_norm,
+    perturbation_norm=perturbation_norm.astype(jnp.float32),
+    perturbed_loss=perturbed_loss,
+    perturbed_grad_norm=global_norm(perturbed_grads).astype(jnp.float32),
+    steps_since_perturbation=steps_since_perturbation,
+    kept_perturbation=kept_perturbation,
+  )
+
+
 def _sharpness_aware(
   owner: str,
   optimizer: optax.GradientTransformation,
@@ -273,133 +408,41 @@ def _sharpness_aware(
   perturb_every: Optional[int],
   reuse_perturbation: bool,
 ) -> optax.GradientTransformationExtraArgs:
-  """The one implementation behind `aace_sam` and `sam`."""
+  """The one implementation behind `aace_sam` and `sam`: its arguments checked, its init and update."""
   if not isinstance(optimizer, optax.GradientTransformation):
     raise TypeError(f"{owner}: optimizer must be an optax.GradientTransformation, got {optimizer!r}.")
-  _checks.check_in_range(owner, "rho", rho, 0.0, float("inf"))
-  _checks.check_in_range(owner, "eps", eps, 0.0, float("inf"))
-  _checks.check_in_range(owner, "adaptive_eta", adaptive_eta, 0.0, float("inf"))
+  for name, value in (("rho", rho), ("eps", eps), ("adaptive_eta", adaptive_eta)):
+    _checks.check_in_range(owner, name, value, 0.0, float("inf"))
   if max_perturbation_norm is not None:
     _checks.check_in_range(owner, "max_perturbation_norm", max_perturbation_norm, 0.0, float("inf"))
   for name, flag in (("normalize", normalize), ("adaptive", adaptive), ("reuse_perturbation", reuse_perturbation)):
-    if not isinstance(flag, bool):
-      raise TypeError(f"{owner}: {name} must be a bool, got {flag!r}.")
+    _checks.check_bool(owner, name, flag)
   perturb_every = 1 if perturb_every is None else perturb_every
   if isinstance(perturb_every, bool) or not isinstance(perturb_every, int) or perturb_every < 1:
     raise ValueError(
       f"{owner}: perturb_every must be a positive Python int (static; with optax.inject_hyperparams list it"
       f" in static_args), got {perturb_every!r}."
     )
-  keeps = perturb_every > 1 and reuse_perturbation
   for name, mask in (("perturb_mask", perturb_mask), ("adaptive_mask", adaptive_mask)):
     if mask is not None and not callable(mask):
       _check_mask_leaves(owner, name, mask)
-  inner = optax.with_extra_args_support(optimizer)
-  sign = 1.0 if ascent else -1.0
-
-  def init_fn(params: optax.Params) -> SAMState:
-    # One array per field: a shared buffer could not be donated twice.
-    zero = lambda: jnp.zeros([], jnp.float32)
-    return SAMState(
-      inner_state=inner.init(params),
-      perturbation_grad_norm=zero(),
-      perturbation_norm=zero(),
-      perturbed_loss=zero(),
-      perturbed_grad_norm=zero(),
-      steps_since_perturbation=jnp.zeros([], jnp.int32) if perturb_every > 1 else (),
-      kept_perturbation=jax.tree.map(jnp.zeros_like, params) if keeps else (),
-    )
-
-  def update_fn(
-    updates: optax.Updates,
-    state: SAMState,
-    params: Optional[optax.Params] = None,
-    *,
-    grad_fn: Optional[GradFn] = None,
-    **extra_args,
-  ) -> tuple[optax.Updates, SAMState]:
-    if grad_fn is None:
-      raise TypeError(
-        f"{owner}.update needs grad_fn=, a function mapping parameters to the"
-        " gradients of the training loss; it is called at the perturbed parameters. A wrapper"
-        f" that does not pass extra arguments on drops it: optax.lookahead around {owner} is not"
-        " supported (optax.with_extra_args_support(optax.lookahead(...)) drops grad_fn), and"
-        " optax.MultiSteps, which make_train_step receives as such a wrapper, is refused: accumulate"
-        " gradients with make_train_step(..., grad_accum_steps=k)."
-      )
-    if params is None:
-      raise ValueError(f"{owner}.update needs params: the perturbation is applied to them.")
-    _refuse_wrappers(owner, params)
-    mask = _resolve_mask(owner, "perturb_mask", perturb_mask, params)
-    _warn_if_rounded_away(owner, params, mask)
-    if adaptive:
-      scaled = _resolve_mask(owner, "adaptive_mask", named_weights if adaptive_mask is None else adaptive_mask, params)
-
-    def fresh_perturbation():
-      """w_adv from this update's first-pass gradient, and the norm of the gradient it came from."""
-      grads = updates
-      if batch_axis_name is not None:
-        grads = jax.lax.pmean(grads, axis_name=batch_axis_name)
-      # Unperturbed leaves drop out of the direction and of its norm.
-      grads = jax.tree.map(lambda g, m: g if m else jnp.zeros_like(g), grads, mask)
-      if adaptive:
-        # ASAM: the step is T^2 g / ||T g||, T = |w| + eta on the scaled leaves and 1 on the others.
-        scale_by_t = lambda g, w, t: g * (jnp.abs(upcast(w)) + adaptive_eta).astype(g.dtype) if t else g
-        grads = jax.tree.map(scale_by_t, grads, params, scaled)
-      grad_norm = global_norm(grads)
-      if adaptive:
-        grads = jax.tree.map(scale_by_t, grads, params, scaled)
-      scale = sign * rho
-      if normalize:
-        denominator = grad_norm + eps
-        # A zero gradient gives a zero perturbation even with eps=0.
-        scale = jnp.where(denominator > 0, scale / jnp.where(denominator > 0, denominator, 1), 0)
-      if max_perturbation_norm is not None:
-        # ||e|| = |scale| ||direction||; the direction is g, or T^2 g whose norm is not ||T g||.
-        step_norm = jnp.abs(scale) * (global_norm(grads) if adaptive else grad_norm)
-        too_long = step_norm > max_perturbation_norm
-        scale = jnp.where(too_long, scale * max_perturbation_norm / jnp.where(too_long, step_norm, 1), scale)
-      perturbed_params = jax.tree.map(
-        lambda w, g, m: (w + scale * upcast(g)).astype(w.dtype) if m else w, params, grads, mask
-      )
-      kept = jax.tree.map(lambda w_adv, w: (w_adv - w).astype(w.dtype), perturbed_params, params) if keeps else ()
-      return perturbed_params, grad_norm.astype(jnp.float32), kept
-
-    def between_perturbations():
-      """w_adv from the kept perturbation (reuse), or w itself (plain steps); the first-pass gradient is unused."""
-      if keeps:
-        perturbed_params = jax.tree.map(
-          lambda w, e, m: (w + e).astype(w.dtype) if m else w, params, state.kept_perturbation, mask
-        )
-      else:
-        perturbed_params = params
-      return perturbed_params, state.perturbation_grad_norm, state.kept_perturbation
-
-    if perturb_every == 1:
-      perturbed_params, grad_norm, kept_perturbation = fresh_perturbation()
-      steps_since_perturbation = ()
-    else:
-      count = state.steps_since_perturbation
-      perturbed_params, grad_norm, kept_perturbation = jax.lax.cond(
-        count == 0, fresh_perturbation, between_perturbations
-      )
-      steps_since_perturbation = (count + 1) % perturb_every
-    perturbation_norm = global_norm(jax.tree.map(lambda w_adv, w: upcast(w_adv) - upcast(w), perturbed_params, params))
-    perturbed_loss, perturbed_grads = _call_grad_fn(owner, grad_fn, perturbed_params)
-    if batch_axis_name is not None:
-      perturbed_loss, perturbed_grads = jax.lax.pmean((perturbed_loss, perturbed_grads), axis_name=batch_axis_name)
-    updates, inner_state = inner.update(perturbed_grads, state.inner_state, params, **extra_args)
-    return updates, SAMState(
-      inner_state=inner_state,
-      perturbation_grad_norm=grad_norm,
-      perturbation_norm=perturbation_norm.astype(jnp.float32),
-      perturbed_loss=perturbed_loss,
-      perturbed_grad_norm=global_norm(perturbed_grads).astype(jnp.float32),
-      steps_since_perturbation=steps_since_perturbation,
-      kept_perturbation=kept_perturbation,
-    )
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  settings = _Settings(
+    owner=owner,
+    inner=optax.with_extra_args_support(optimizer),
+    rho=rho,
+    sign=1.0 if ascent else -1.0,
+    normalize=normalize,
+    adaptive=adaptive,
+    adaptive_eta=adaptive_eta,
+    adaptive_mask=adaptive_mask,
+    eps=eps,
+    max_perturbation_norm=max_perturbation_norm,
+    perturb_mask=perturb_mask,
+    batch_axis_name=batch_axis_name,
+    perturb_every=perturb_every,
+    keeps=perturb_every > 1 and reuse_perturbation,
+  )
+  return optax.GradientTransformationExtraArgs(functools.partial(_init, settings), functools.partial(_update, settings))
 
 
 def aace_sam(
@@ -444,7 +487,7 @@ def aace_sam(
   becomes confident. On a network with a layer that no normalization
   follows (a dense hidden layer, say), ``rho=0.2`` can move :math:`w_{adv}`
   so far that the updates fit :math:`w_{adv}` and leave :math:`w` behind
-  (the README's "When AACE-SAM breaks down"). ``max_perturbation_norm``
+  (docs/experiments.md, "When AACE-SAM breaks down"). ``max_perturbation_norm``
   bounds it and leaves every shorter perturbation as the paper computes it;
   ``normalize=True`` fixes its length instead.
 
@@ -457,7 +500,7 @@ def aace_sam(
   state), or at :math:`w` itself (``False``: plain steps between
   sharpness-aware ones, as Composer's ``SAM(interval=k)``). AACE's
   successive perturbations point much the same way, SAM's much less (the
-  README's "Cheaper steps"). ``k = 1`` is the transformation above, bit for
+  documentation's "Cheaper steps", docs/experiments.md). ``k = 1`` is the transformation above, bit for
   bit.
 
   ``update(updates, state, params, *, grad_fn, **extra_args)``: ``grad_fn``

@@ -1,4 +1,4 @@
-"""The benchmark scripts run and print the JSON objects the README documents (no timing asserted)."""
+"""The benchmark scripts run and print the JSON objects the documentation describes (no timing asserted)."""
 
 import json
 import pathlib

@@ -97,7 +97,7 @@ def test_plain_optimizer_is_one_pass_sgd_and_reports_learning_rate():
 
 
 def test_learning_rate_of_an_injected_optimizer_inside_an_injected_sam():
-  # The README's form for scheduling rho and the learning rate together.
+  # The documented form (docs/composition.md) for scheduling rho and the learning rate together.
   tx = optax.inject_hyperparams(aace_jax.aace_sam)(
     optimizer=optax.inject_hyperparams(optax.sgd)(learning_rate=optax.linear_schedule(0.3, 0.0, 3)), rho=0.1
   )

@@ -509,7 +509,7 @@ class EpochLog:
 def breakdown_warning(row: dict, config: ml_collections.ConfigDict) -> Optional[str]:
   """A warning when an epoch's row shows a sharpness-aware run breaking down, else None.
 
-  Two signs, each measured where unnormalized AACE-SAM broke down (README,
+  Two signs, each measured where unnormalized AACE-SAM broke down (docs/experiments.md,
   "When AACE-SAM breaks down"):
 
   - the loss at `w_adv` below `warn_perturbed_loss_ratio` times the loss at
@@ -542,7 +542,7 @@ def breakdown_warning(row: dict, config: ml_collections.ConfigDict) -> Optional[
   return (
     f"epoch {row['epoch'] + 1}: {'; '.join(signs)}. The run may be breaking down: bound the perturbation"
     " (--config.max_perturbation_norm, or --config.normalize=True with a radius such as --config.rho=0.05), or"
-    " normalize before the classifier; see the README's 'When AACE-SAM breaks down'."
+    " normalize before the classifier; see docs/experiments.md, 'When AACE-SAM breaks down'."
   )
 
 

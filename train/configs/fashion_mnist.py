@@ -16,7 +16,7 @@ of 0.1 for this small network, batch 128, 20 epochs.
   Fashion-MNIST augmentation (Cutout). AACE-SAM reached 0.897 test accuracy
   after 2 epochs (`--config.num_epochs=2`, 8 minutes on a 2-core CPU shared
   with other work).
-- `:memorize` is the regime of the README's three-method comparison, chosen
+- `:memorize` is the regime of the three-method comparison (docs/experiments.md), chosen
   before any test accuracy was seen and not tuned per method: a fixed,
   class-balanced 5,000-image subset of the training split, no augmentation.
   SGD fits it to 100% train accuracy with a clear gap to test accuracy, so
@@ -28,7 +28,7 @@ of 0.1 for this small network, batch 128, 20 epochs.
 
 The BatchNorm before the classifier matters: without it
 (`--config.model=mnist_cnn`), AACE-SAM at the paper's rho 0.2 breaks down
-from its first steps (the README's "When AACE-SAM breaks down").
+from its first steps (docs/experiments.md, "When AACE-SAM breaks down").
 """
 
 from train.configs import default

@@ -1,9 +1,11 @@
-"""Every code block in the README is exercised: Python blocks run, shell commands are checked.
+"""The documentation: every code block of the README and of docs/ is exercised, and the site builds without a warning.
 
-Shell commands that train are run with `--dry_run` (parsed and their config
-checked, nothing trained); the install and test commands are what `.ci/run`
-runs; the commands of other tools (`tfds build`, a TPU install) are checked
-against what the trainer tells users.
+Python blocks run; shell commands are checked: those that train are run with
+`--dry_run` (parsed and their config checked, nothing trained); the install
+and test commands are what `.ci/run` runs; the commands of other tools
+(`tfds build`, a TPU install) are checked against what the trainer tells
+users. The Sphinx build (`-W`: warnings are errors) renders the API reference
+from the docstrings, whose examples run as doctests in the main test run.
 """
 
 import importlib
@@ -19,24 +21,56 @@ import pytest
 from train import input_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
-SHELL_LINES = [
-  line.split(" #")[0].strip()
-  for block in re.findall(r"```bash\n(.*?)```", README, flags=re.DOTALL)
-  for line in block.splitlines()
-  if line.strip() and not line.strip().startswith("#")
+DOCUMENTS = {
+  path.relative_to(REPO).as_posix(): path.read_text()
+  for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+}
+PYTHON_BLOCKS = [
+  (name, index, code)
+  for name, text in DOCUMENTS.items()
+  for index, code in enumerate(re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL))
 ]
+SHELL_LINES = sorted(
+  {
+    line.split(" #")[0].strip()
+    for text in DOCUMENTS.values()
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.DOTALL)
+    for line in block.splitlines()
+    if line.strip() and not line.strip().startswith("#")
+  }
+)
 CI_SCRIPT = (REPO / ".ci" / "run").read_text()
 
 
-def test_readme_has_code():
-  assert PYTHON_BLOCKS and SHELL_LINES
+def test_the_documents_have_code():
+  assert {name for name, _, _ in PYTHON_BLOCKS} >= {"README.md", "docs/getting_started.md", "docs/any_model.md"}
+  assert SHELL_LINES
 
 
-@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
-def test_python_block_runs(index):
-  exec(compile(PYTHON_BLOCKS[index], f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+@pytest.mark.parametrize(
+  "name, index, code", PYTHON_BLOCKS, ids=[f"{name}:{index}" for name, index, _ in PYTHON_BLOCKS]
+)
+def test_python_block_runs(name, index, code):
+  exec(compile(code, f"{name} python block {index}", "exec"), {"__name__": "__docs__"})
+
+
+def test_the_site_builds_without_a_warning(tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(REPO / "docs"), str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-5000:]
+  api = (tmp_path / "api.html").read_text()
+  for name in ("aace_sam", "make_train_step", "shard_step", "LossInputs", "nnx_sharpness_aware_grads"):
+    assert f'id="aace_jax.{name}"' in api, name
+
+
+def test_every_page_is_in_the_table_of_contents():
+  index = (REPO / "docs" / "index.md").read_text()
+  pages = {path.stem for path in (REPO / "docs").glob("*.md")} - {"index"}
+  assert pages and all(f"\n{page}\n" in index for page in pages), pages
 
 
 def run_dry(command: str):
@@ -114,6 +148,6 @@ def test_shell_command(line):
       script = importlib.import_module(pathlib.Path(words[1]).stem)
       script.parse_args(words[2:])
     else:
-      pytest.fail(f"README command not exercised by any test: {command}")
+      pytest.fail(f"documented command not exercised by any test: {command}")
   if not_run:
     pytest.skip(f"the rest of the line checked; not run here (they need the network or a TPU): {not_run}")
