@@ -15,6 +15,12 @@ import aace_jax
 from train.configs import default
 
 
+def without_keys(tree):
+  """`tree` with its PRNG keys as their key data, for chex's and NumPy's comparisons of numbers."""
+  is_key = lambda x: isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+  return jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
+
+
 def jax_mlp(params, x):
   """The tanh MLP every library test trains; `np_mlp_grads` in test_sam.py back-propagates it by hand."""
   hidden = jnp.tanh(x @ params["w1"] + params["b1"])
@@ -124,11 +130,13 @@ def make_mlp_problem(seed=0, batch=16, features=5, hidden=7, classes=4):
   return params, x, y
 
 
-def run_library(tx, params, x, y, steps, perturbation_loss):
+def run_library(tx, params, x, y, steps, perturbation_loss, transform=jax.jit):
+  """`steps` updates of `tx` on the MLP, each step wrapped in `transform` (a chex variant, or jax.jit)."""
+
   def batch_loss(params, fn):
     return fn(jax_mlp(params, x), y).mean()
 
-  @jax.jit
+  @transform
   def step(params, state):
     grads = jax.grad(batch_loss)(params, perturbation_loss)
     updates, state = tx.update(grads, state, params, grad_fn=jax.grad(lambda w: batch_loss(w, aace_jax.cross_entropy)))

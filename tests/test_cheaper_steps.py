@@ -4,6 +4,7 @@ The references are written out by hand with `jax.grad` on the test MLP: the
 library's update is never its own oracle.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ from tests.helpers import jax_mlp
 from tests.helpers import make_batch
 from tests.helpers import mlp_apply
 from tests.helpers import mlp_params
+from tests.helpers import without_keys
 
 LR, MOMENTUM = 0.1, 0.9
 
@@ -72,22 +74,6 @@ def library_run(tx, batch, steps, *, perturbation_loss=aace_jax.aace_cross_entro
   return state, metrics
 
 
-def host_leaves(tree):
-  keys = lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-  return [np.asarray(keys(x)) for x in jax.tree.leaves(tree)]
-
-
-def assert_trees_close(a, b, **tolerance):
-  for x, y in zip(host_leaves(a), host_leaves(b)):
-    np.testing.assert_allclose(x, y, **tolerance)
-
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(host_leaves(a), host_leaves(b)):
-    np.testing.assert_array_equal(x, y)
-
-
 @pytest.mark.parametrize("every", [2, 3])
 @pytest.mark.parametrize("reuse", [True, False])
 @pytest.mark.parametrize("host", [False, True])
@@ -96,7 +82,7 @@ def test_aace_sam_reuses_its_perturbation_or_takes_plain_steps_between(every, re
   tx = aace_jax.aace_sam(base(), 0.2, perturb_every=every, reuse_perturbation=reuse)
   kwargs = {"every": every} if host else {}
   state, metrics = library_run(tx, batch, 7, host=host, **kwargs)
-  assert_trees_close(state.params, reference_run(batch, 7, every=every, reuse=reuse), rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(state.params, reference_run(batch, 7, every=every, reuse=reuse), rtol=2e-5, atol=2e-6)
   norms = [float(m["perturbation_norm"]) for m in metrics]
   for step, norm in enumerate(norms):
     if step % every and not reuse:
@@ -112,13 +98,15 @@ def test_sam_reuse_follows_the_reference():
   tx = aace_jax.sam(base(), 0.05, perturb_every=3)
   state, _ = library_run(tx, batch, 7, perturbation_loss=aace_jax.cross_entropy)
   expected = reference_run(batch, 7, every=3, reuse=True, rho=0.05, aace=False)
-  assert_trees_close(state.params, expected, rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(state.params, expected, rtol=2e-5, atol=2e-6)
 
 
 def test_first_pass_on_part_of_the_batch_follows_the_reference():
   batch = make_batch(n=32)
   state, _ = library_run(aace_jax.aace_sam(base(), 0.2), batch, 4, perturbation_batch_fraction=0.25)
-  assert_trees_close(state.params, reference_run(batch, 4, every=1, reuse=True, fraction=0.25), rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(
+    state.params, reference_run(batch, 4, every=1, reuse=True, fraction=0.25), rtol=2e-5, atol=2e-6
+  )
   full, _ = library_run(aace_jax.aace_sam(base(), 0.2), batch, 4)
   assert not np.allclose(np.asarray(full.params["w1"]), np.asarray(state.params["w1"]))
 
@@ -129,7 +117,7 @@ def test_every_update_perturbing_is_the_transformation_of_before_bit_for_bit():
   explicit, _ = library_run(
     aace_jax.aace_sam(base(), 0.2, perturb_every=1, reuse_perturbation=False), batch, 3, perturbation_batch_fraction=1.0
   )
-  assert_trees_equal(default, explicit)
+  chex.assert_trees_all_equal(without_keys(default), without_keys(explicit))
   # No counter and no kept perturbation: the state holds what it held before these options.
   sam_state = default.opt_state
   assert sam_state.steps_since_perturbation == () and sam_state.kept_perturbation == ()
@@ -141,9 +129,9 @@ def test_host_chosen_steps_equal_the_device_conditional():
   tx = aace_jax.aace_sam(base(), 0.2, perturb_every=3)
   on_device, metrics_device = library_run(tx, batch, 7)
   on_host, metrics_host = library_run(tx, batch, 7, host=True, every=3)
-  assert_trees_close(on_device, on_host, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(without_keys(on_device), without_keys(on_host), rtol=1e-6, atol=1e-7)
   for a, b in zip(metrics_device, metrics_host):
-    assert_trees_close(a, b, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_the_first_pass_does_not_run_between_perturbations():
@@ -188,7 +176,7 @@ def test_batchnorm_statistics_come_from_the_only_pass_between_perturbations():
   variables = {"params": w_adv, "batch_stats": state.model_state["batch_stats"]}
   _, expected = model.apply(variables, batch["image"], train=True, mutable=["batch_stats"])
   after, _ = step(state, batch)  # a reuse step: its only pass is at w + e
-  assert_trees_close(after.model_state["batch_stats"], expected["batch_stats"], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(after.model_state["batch_stats"], expected["batch_stats"], rtol=1e-5, atol=1e-6)
 
 
 def test_batchnorm_statistics_come_from_the_first_pass_examples_with_a_fraction():
@@ -202,7 +190,7 @@ def test_batchnorm_statistics_come_from_the_first_pass_examples_with_a_fraction(
   step = jax.jit(aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx, perturbation_batch_fraction=0.5))
   after, metrics = step(state, batch)
   _, expected = model.apply(variables, batch["image"][:8], train=True, mutable=["batch_stats"])
-  assert_trees_close(after.model_state["batch_stats"], expected["batch_stats"], rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(after.model_state["batch_stats"], expected["batch_stats"], rtol=1e-5, atol=1e-6)
   assert float(metrics["accuracy"]) * 8 == pytest.approx(round(float(metrics["accuracy"]) * 8))  # of 8 examples
 
 
@@ -221,7 +209,7 @@ def test_resuming_in_the_middle_of_a_cycle_is_bit_identical():
   assert int(restored.opt_state.steps_since_perturbation) == 2
   for _ in range(4):
     restored, _ = step(restored, batch)
-  assert_trees_equal(straight, restored)
+  chex.assert_trees_all_equal(without_keys(straight), without_keys(restored))
 
 
 def test_a_skipped_step_changes_nothing_and_does_not_advance_the_cycle():
@@ -233,7 +221,7 @@ def test_a_skipped_step_changes_nothing_and_does_not_advance_the_cycle():
   bad = {**batch, "image": batch["image"].at[0, 0].set(jnp.nan)}
   after, metrics = step(state, bad)
   assert float(metrics["skipped_steps"]) == 1
-  assert_trees_equal(after._replace(step=state.step), state)
+  chex.assert_trees_all_equal(without_keys(after._replace(step=state.step)), without_keys(state))
 
 
 def test_bad_arguments_name_their_values():
@@ -264,4 +252,4 @@ def test_inject_hyperparams_takes_perturb_every_as_a_static_argument():
     optimizer=base(), rho=0.2, perturb_every=3
   )
   state, _ = library_run(tx, batch, 5)
-  assert_trees_close(state.params, reference_run(batch, 5, every=3, reuse=True), rtol=2e-5, atol=2e-6)
+  chex.assert_trees_all_close(state.params, reference_run(batch, 5, every=3, reuse=True), rtol=2e-5, atol=2e-6)

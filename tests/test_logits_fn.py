@@ -1,5 +1,6 @@
 """`make_train_step(logits_fn=...)`: any batch, a target per token, weights, against hand-written references."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,7 @@ from tests.helpers import next_token_fn
 from tests.helpers import token_batch
 from tests.helpers import token_logits
 from tests.helpers import token_params
+from tests.helpers import without_keys
 
 RHO, LR = 0.2, 0.5
 
@@ -47,20 +49,10 @@ def library_steps(batch, steps, **step_kwargs):
   return state, metrics
 
 
-def without_key(step_output):
-  """A step's (state, metrics) with the state's PRNG key, which NumPy cannot compare, left out."""
-  state, metrics = step_output
-  return state._replace(rng=()), metrics
-
-
-def assert_trees_close(actual, expected, rtol=1e-6, atol=1e-7):
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol), actual, expected)
-
-
 def test_a_token_model_takes_weighted_means_over_its_real_tokens():
   batch = token_batch()
   state, metrics = library_steps(batch, 3)
-  assert_trees_close(state.params, reference_steps(batch, 3))
+  chex.assert_trees_all_close(state.params, reference_steps(batch, 3), rtol=1e-6, atol=1e-7)
   assert metrics["skipped_steps"] == 0
   # The step moved the parameters, and the mask mattered: a plain mean over every position is another update.
   assert np.abs(state.params["out"] - token_params()["out"]).max() > 1e-2
@@ -86,8 +78,7 @@ def test_what_padding_holds_changes_nothing():
   """Padded positions may hold any target, an out-of-range one included: bit for bit the same step."""
   runs = [library_steps(token_batch(pad=pad), 2) for pad in (-1, 0, 10**6)]
   for state, metrics in runs[1:]:
-    jax.tree.map(np.testing.assert_array_equal, state.params, runs[0][0].params)
-    jax.tree.map(np.testing.assert_array_equal, metrics, runs[0][1])
+    chex.assert_trees_all_equal((state.params, metrics), (runs[0][0].params, runs[0][1]))
 
 
 def test_accumulation_takes_the_weighted_mean_over_the_whole_batch():
@@ -96,7 +87,7 @@ def test_accumulation_takes_the_weighted_mean_over_the_whole_batch():
   weights_per_half = [int(np.sum(np.asarray(batch["lengths"])[half] - 1)) for half in (slice(0, 4), slice(4, 8))]
   assert weights_per_half[0] != weights_per_half[1]  # a mean of the micro-batches' means would differ
   state, _ = library_steps(batch, 2, grad_accum_steps=2)
-  assert_trees_close(state.params, reference_steps(batch, 2), rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(state.params, reference_steps(batch, 2), rtol=1e-5, atol=1e-6)
 
 
 def test_an_image_classifier_through_logits_fn_is_the_apply_fn_step_bit_for_bit():
@@ -105,7 +96,7 @@ def test_an_image_classifier_through_logits_fn_is_the_apply_fn_step_bit_for_bit(
   batch = make_batch()
   by_apply = jax.jit(aace_jax.make_train_step(mlp_apply, tx))(state, batch)
   by_logits = jax.jit(aace_jax.make_train_step(tx=tx, logits_fn=aace_jax.classifier_logits_fn(mlp_apply)))(state, batch)
-  jax.tree.map(np.testing.assert_array_equal, without_key(by_logits), without_key(by_apply))
+  chex.assert_trees_all_equal(without_keys(by_logits), without_keys(by_apply))
 
 
 def test_unit_weights_equal_no_weights():
@@ -115,7 +106,7 @@ def test_unit_weights_equal_no_weights():
   weighted = aace_jax.classifier_logits_fn(mlp_apply, mask_key="mask")
   got = jax.jit(aace_jax.make_train_step(tx=tx, logits_fn=weighted))(state, batch)
   expected = jax.jit(aace_jax.make_train_step(mlp_apply, tx))(state, batch)
-  assert_trees_close(without_key(got), without_key(expected))
+  chex.assert_trees_all_close(without_keys(got), without_keys(expected), rtol=1e-6, atol=1e-7)
 
 
 def test_eval_step_sums_weighted_targets():

@@ -1,9 +1,11 @@
 """The losses against hand-derived values and a NumPy statement of the authors' code."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import aace_jax
 from tests.helpers import np_softmax
@@ -64,20 +66,6 @@ def test_const_mode_hand_value():
   np.testing.assert_allclose(loss, [-(np.log(0.5) + np.log(0.2)) / 2], rtol=1e-6)
   q = aace_jax.aace_targets(logits, jnp.array([1]), mode="const")
   np.testing.assert_allclose(q, [[0.5, 0.0, 0.5]])
-
-
-@pytest.mark.parametrize("mode", ["ada", "const"])
-@pytest.mark.parametrize("threshold", [0.0, 0.1, 0.5, 1.0])
-def test_targets_match_authors(mode, threshold):
-  with jax.enable_x64(True):
-    q = np.asarray(aace_jax.aace_targets(LOGITS, LABELS, threshold=threshold, mode=mode))
-    loss = np.asarray(aace_jax.aace_cross_entropy(LOGITS, LABELS, threshold=threshold, mode=mode))
-  expected_q = authors_targets(LOGITS, LABELS, threshold, mode)
-  np.testing.assert_allclose(q, expected_q, rtol=1e-12, atol=1e-15)
-  np.testing.assert_allclose(loss, soft_ce(LOGITS, expected_q), rtol=1e-12)
-  # The other classes are normalized on their own: the target sums to 1 + q_y.
-  p_y = np_softmax(LOGITS)[np.arange(6), LABELS]
-  np.testing.assert_allclose(np.sum(q, -1), 1 + np.minimum(p_y, threshold), rtol=1e-12)
 
 
 def test_rand_mode():
@@ -236,20 +224,36 @@ def authors_kl(z, q):
   return (q_log_q - q * logp).sum(-1)
 
 
-@pytest.mark.parametrize("mode", ["ada", "const"])
-@pytest.mark.parametrize("threshold", [0.0, 0.1, 0.5, 1.0])
-def test_kl_divergence_matches_the_authors_logged_value(mode, threshold):
-  with jax.enable_x64(True):
-    kl = np.asarray(aace_jax.aace_kl_divergence(LOGITS, LABELS, threshold=threshold, mode=mode))
-    ce = np.asarray(aace_jax.aace_cross_entropy(LOGITS, LABELS, threshold=threshold, mode=mode))
-    grads = [
-      np.asarray(jax.grad(lambda z, f=f: f(z, LABELS, threshold=threshold, mode=mode).sum())(LOGITS))
-      for f in (aace_jax.aace_kl_divergence, aace_jax.aace_cross_entropy)
-    ]
-  expected = authors_kl(LOGITS, authors_targets(LOGITS, LABELS, threshold, mode))
-  np.testing.assert_allclose(kl, expected, rtol=1e-12, atol=1e-14)
-  assert np.all(ce - kl > 0)  # the entropy of q: what CE(q, p) adds to the logged value
-  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-12, atol=1e-15)  # the same perturbation
+class AuthorsValuesTest(chex.TestCase):
+  """Targets, loss, logged KL and gradients against the authors' code in NumPy, jitted and not (float64)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(mode=("ada", "const"), threshold=(0.0, 0.1, 0.5, 1.0))
+  def test_targets_loss_and_logged_kl_match_the_authors(self, mode, threshold):
+    settings = dict(threshold=threshold, mode=mode)
+
+    def values(z, y):
+      kl_grad = jax.grad(lambda z: aace_jax.aace_kl_divergence(z, y, **settings).sum())(z)
+      ce_grad = jax.grad(lambda z: aace_jax.aace_cross_entropy(z, y, **settings).sum())(z)
+      return (
+        aace_jax.aace_targets(z, y, **settings),
+        aace_jax.aace_cross_entropy(z, y, **settings),
+        aace_jax.aace_kl_divergence(z, y, **settings),
+        kl_grad,
+        ce_grad,
+      )
+
+    with jax.enable_x64(True):
+      q, ce, kl, kl_grad, ce_grad = jax.tree.map(np.asarray, self.variant(values)(LOGITS, LABELS))
+    expected_q = authors_targets(LOGITS, LABELS, threshold, mode)
+    np.testing.assert_allclose(q, expected_q, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(ce, soft_ce(LOGITS, expected_q), rtol=1e-12)
+    # The other classes are normalized on their own: the target sums to 1 + q_y.
+    p_y = np_softmax(LOGITS)[np.arange(6), LABELS]
+    np.testing.assert_allclose(np.sum(q, -1), 1 + np.minimum(p_y, threshold), rtol=1e-12)
+    np.testing.assert_allclose(kl, authors_kl(LOGITS, expected_q), rtol=1e-12, atol=1e-14)
+    assert np.all(ce - kl > 0)  # the entropy of q: what CE(q, p) adds to the logged value
+    np.testing.assert_allclose(kl_grad, ce_grad, rtol=1e-12, atol=1e-15)  # the same perturbation
 
 
 def test_kl_divergence_is_minus_log_one_minus_p_y_and_finite_when_confident():

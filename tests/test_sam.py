@@ -1,10 +1,12 @@
 """`aace_sam` and `sam` against the authors' update restated in NumPy, and composed with the rest of Optax."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 
 import aace_jax
 from tests.helpers import jax_mlp
@@ -70,37 +72,31 @@ def base_optimizer():
   return optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("adaptive", [False, True])
-@pytest.mark.parametrize("method", ["aace_sam", "sam"])
-def test_parity_with_authors_update_float64(method, normalize, adaptive):
-  params, x, y = make_mlp_problem()
-  if method == "aace_sam":
-    rho, loss, fn = 0.2, "aace", aace_jax.aace_cross_entropy
-    tx = aace_jax.aace_sam(base_optimizer(), rho, normalize=normalize, adaptive=adaptive, adaptive_mask=MLP_WEIGHTS)
-  else:
-    rho, loss, fn = 0.05, "ce", aace_jax.cross_entropy
-    tx = aace_jax.sam(base_optimizer(), rho, normalize=normalize, adaptive=adaptive, adaptive_mask=MLP_WEIGHTS)
-  expected, grad_norm, perturbation_norm = np_authors_training(
-    params,
-    x,
-    y,
-    5,
-    rho,
-    perturbation_loss=loss,
-    ascent=method == "sam",
-    normalize=normalize,
-    adaptive=adaptive,
-  )
-  with jax.enable_x64(True):
-    got, state = run_library(tx, jax.tree.map(jnp.asarray, params), x, y, 5, fn)
-    got = jax.tree.map(np.asarray, got)
-  for k in expected:
-    assert got[k].dtype == np.float64
-    np.testing.assert_allclose(got[k], expected[k], rtol=1e-12, atol=1e-12, err_msg=k)
-  # The state's logged norms are those of the last step (stored as float32).
-  np.testing.assert_allclose(state.perturbation_grad_norm, grad_norm, rtol=1e-6)
-  np.testing.assert_allclose(state.perturbation_norm, perturbation_norm, rtol=1e-6)
+class AuthorsUpdateTest(chex.TestCase):
+  """Five updates of `aace_sam` / `sam` against the authors' step in NumPy, float64, jitted and not."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(method=("aace_sam", "sam"), normalize=(False, True), adaptive=(False, True))
+  def test_parity_with_authors_update_float64(self, method, normalize, adaptive):
+    params, x, y = make_mlp_problem()
+    if method == "aace_sam":
+      rho, loss, fn = 0.2, "aace", aace_jax.aace_cross_entropy
+    else:
+      rho, loss, fn = 0.05, "ce", aace_jax.cross_entropy
+    make = getattr(aace_jax, method)
+    tx = make(base_optimizer(), rho, normalize=normalize, adaptive=adaptive, adaptive_mask=MLP_WEIGHTS)
+    expected, grad_norm, perturbation_norm = np_authors_training(
+      params, x, y, 5, rho, perturbation_loss=loss, ascent=method == "sam", normalize=normalize, adaptive=adaptive
+    )
+    with jax.enable_x64(True):
+      got, state = run_library(tx, jax.tree.map(jnp.asarray, params), x, y, 5, fn, transform=self.variant)
+      got = jax.tree.map(np.asarray, got)
+    for k in expected:
+      assert got[k].dtype == np.float64
+      np.testing.assert_allclose(got[k], expected[k], rtol=1e-12, atol=1e-12, err_msg=k)
+    # The state's logged norms are those of the last step (stored as float32).
+    np.testing.assert_allclose(state.perturbation_grad_norm, grad_norm, rtol=1e-6)
+    np.testing.assert_allclose(state.perturbation_norm, perturbation_norm, rtol=1e-6)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])

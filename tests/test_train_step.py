@@ -1,5 +1,6 @@
 """The single-device train and eval steps against hand-driven computations."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -162,7 +163,7 @@ def test_a_transformation_of_ones_own_that_calls_grad_fn_gets_both_passes():
   g = jax.grad(mean_loss)(params, aace_jax.aace_cross_entropy)
   g_there = jax.grad(mean_loss)(jax.tree.map(lambda w, gi: w - 0.3 * gi, params, g), aace_jax.cross_entropy)
   expected = jax.tree.map(lambda w, gi: w - 0.1 * gi, params, g_there)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), new_state.params, expected)
+  chex.assert_trees_all_close(new_state.params, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_batchnorm_statistics_come_from_the_first_pass_only():
@@ -182,11 +183,7 @@ def test_batchnorm_statistics_come_from_the_first_pass_only():
     return updates["batch_stats"]
 
   first_pass = stats_at(variables["params"])
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-    new_state.model_state["batch_stats"],
-    first_pass,
-  )
+  chex.assert_trees_all_close(new_state.model_state["batch_stats"], first_pass, rtol=1e-6, atol=1e-7)
 
   # The perturbed pass would have given other statistics: the test can tell them apart.
   def mean_aace(p):
@@ -257,9 +254,7 @@ def test_gradient_accumulation_averages_batchnorm_statistics():
   new_state, _ = jax.jit(aace_jax.make_train_step(aace_jax.linen_apply_fn(model), tx, grad_accum_steps=2))(state, batch)
   halves = [first_pass_batch_stats(model, variables, batch["image"][i * 16 : (i + 1) * 16]) for i in range(2)]
   expected = jax.tree.map(lambda a, b: (a + b) / 2, *halves)
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_state.model_state["batch_stats"], expected
-  )
+  chex.assert_trees_all_close(new_state.model_state["batch_stats"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_nonfinite_gradient_at_w_adv_alone_is_skipped():
