@@ -103,7 +103,7 @@ def test_shell_command(line):
     words = shlex.split(command)
     if command.startswith(("python train/main.py", "srun python train/main.py", "python train/compare.py")):
       run_dry(command)
-    elif command.startswith("python train/evaluate.py"):
+    elif command.startswith("python train/evaluate_authors_checkpoint.py"):
       # Needs the authors' .pth file: its flags and config are parsed, nothing is read.
       result = subprocess.run(
         [sys.executable, *words[1:], "--helpshort"], capture_output=True, text=True, cwd=REPO, timeout=120

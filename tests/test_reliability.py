@@ -25,8 +25,8 @@ from tests.helpers import latest_checkpoint
 from tests.helpers import small_config
 from train import checkpointing
 from train import input_pipeline
+from train import run_files
 from train import train
-from train import workdir as workdir_files
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 1438 // 32
@@ -169,9 +169,9 @@ def test_a_second_run_on_a_held_workdir_is_refused_and_a_stale_lock_is_taken(tmp
 CONTEND = textwrap.dedent("""
   import os, sys, time
   sys.path.insert(0, {repo!r})
-  from train import workdir
+  from train import run_files
   workdir_path, go = sys.argv[1], sys.argv[2]
-  lock = workdir.WorkdirLock(workdir_path)
+  lock = run_files.WorkdirLock(workdir_path)
   while not os.path.exists(go):  # released together
     time.sleep(0.0005)
   try:
@@ -265,8 +265,8 @@ def test_losing_plots_and_events_is_a_warning(monkeypatch, tmp_path):
   def full_disk(*args, **kwargs):
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(workdir_files.RunFiles, "plot", full_disk)
-  monkeypatch.setattr(workdir_files.RunFiles, "_add_scalars", full_disk)
+  monkeypatch.setattr(run_files.RunFiles, "plot", full_disk)
+  monkeypatch.setattr(run_files.RunFiles, "_add_scalars", full_disk)
   with pytest.warns(UserWarning, match=r"could not write the plots \(\[Errno 28\] No space left on device\)"):
     result = train.train_and_evaluate(small_config(num_epochs=1), str(tmp_path / "run"))
   assert result["finished"] and len(read_rows(str(tmp_path / "run"))) == 1

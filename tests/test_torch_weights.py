@@ -198,7 +198,7 @@ def test_evaluate_maps_evaluates_and_checkpoints_the_authors_weights(tmp_path):
 
   from tests.helpers import latest_checkpoint
   from train import config_checks
-  from train import evaluate
+  from train import evaluate_authors_checkpoint as evaluate
   from train.configs import paper
 
   config = paper.get_config("wrn28_10,cifar10,aace_sam")

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import aace_jax
-from train.workdir import CSV_COLUMNS
+from train.run_files import CSV_COLUMNS
 
 # The CSV columns that a checkpoint holds: all but the timing, which differs between runs.
 TIMING_COLUMNS = ("images_per_sec", "wall_time")

@@ -40,9 +40,9 @@ from ml_collections import config_flags  # noqa: E402
 from train import checkpointing  # noqa: E402
 from train import config_checks  # noqa: E402
 from train import optimizers  # noqa: E402
+from train import run_files  # noqa: E402
 from train import train  # noqa: E402
 from train import variants  # noqa: E402
-from train import workdir as workdir_files  # noqa: E402
 from train.configs import paper  # noqa: E402
 
 METHODS = ("sgd", "sam", "aace_sam")
@@ -150,7 +150,7 @@ def main(argv):
         if result["stopped_by"] in train.SIGNAL_STOPS and not result["finished"]:
           train.ignore_stop_signals()
           sys.exit(f"stopped by {result['stopped_by']} in {run_dir}; rerun the same command to resume the comparison.")
-        rows = workdir_files.RunFiles(run_dir, enabled=False).read()
+        rows = run_files.RunFiles(run_dir, enabled=False).read()
         walls = [row["wall_time"] for row in rows]
         # After the first epoch, which includes compilation.
         result["seconds_per_epoch"] = (walls[-1] - walls[0]) / (len(walls) - 1) if len(walls) > 1 else walls[0]

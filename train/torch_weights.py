@@ -7,7 +7,7 @@ differ. Convolutions go from torch's (out, in, h, w) to Flax's (h, w, in,
 out), linear weights are transposed, and BatchNorm's weight, bias,
 running_mean and running_var become scale, bias, mean and var
 (`num_batches_tracked` has no counterpart). Reading the `.pth` file needs
-torch: `train/evaluate.py` does that, this module does not.
+torch: `train/evaluate_authors_checkpoint.py` does that, this module does not.
 """
 
 import re

@@ -11,7 +11,7 @@ epoch's totals: the host only gathers stored images and labels and transfers
 them a few steps ahead, or, with `data_on_device`, sends nothing at all.
 Elsewhere: config checks in `config_checks.py`, the method in
 `optimizers.py`, the compilation cache in `compilation_cache.py`, the
-workdir's files in `workdir.py`, checkpoints in `checkpointing.py`.
+workdir's files in `run_files.py`, checkpoints in `checkpointing.py`.
 """
 
 import collections
@@ -44,7 +44,7 @@ from train import idx
 from train import input_pipeline
 from train import models
 from train import optimizers
-from train import workdir as workdir_files
+from train import run_files
 
 
 class TrainingStopped(RuntimeError):
@@ -60,8 +60,8 @@ RUN_ERRORS = (
   input_pipeline.DataMismatch,
   checkpointing.CheckpointError,
   TrainingStopped,
-  workdir_files.WorkdirBusy,
-  workdir_files.RunFilesError,
+  run_files.WorkdirBusy,
+  run_files.RunFilesError,
 )
 
 
@@ -582,7 +582,7 @@ def train_loop(
 ) -> dict:
   """Resumes, trains and evaluates epoch by epoch in a workdir this process holds; see `train_and_evaluate`."""
   steps_per_epoch = experiment.data.steps_per_epoch
-  files = workdir_files.RunFiles(workdir, enabled=is_writer)
+  files = run_files.RunFiles(workdir, enabled=is_writer)
   checkpoints = checkpointing.Checkpoints(
     os.path.abspath(os.path.join(workdir, "checkpoints")), config.checkpoint_max_to_keep
   )
@@ -637,7 +637,7 @@ def train_loop(
         files.append(last_row)
       except OSError as error:
         checkpoints.wait()  # the row is in the checkpoint being written: make it whole, or say it is not
-        raise workdir_files.RunFilesError(
+        raise run_files.RunFilesError(
           f"could not write {files.csv_path} ({error.strerror or error}); the checkpoint of step"
           f" {checkpoints.last_saved}, written whole, holds its rows: rerun to rebuild it."
         ) from error
@@ -693,14 +693,14 @@ def train_and_evaluate(
       tqdm.write(f"data: {experiment.data.origin}")
     # Everything that can be wrong with the inputs is known by now: write.
     os.makedirs(workdir, exist_ok=True)
-    lock = workdir_files.WorkdirLock(workdir)
+    lock = run_files.WorkdirLock(workdir)
     if is_writer:
       lock.acquire()
     try:
       if is_writer:
         if config.overwrite:
-          workdir_files.clear_run(workdir)
-        workdir_files.write_config(config, workdir)
+          run_files.clear_run(workdir)
+        run_files.write_config(config, workdir)
       return train_loop(config, workdir, experiment, signals, is_writer=is_writer, invocation_start=invocation_start)
     finally:
       lock.release()

@@ -1,8 +1,9 @@
 """Evaluates the authors' released PyTorch weights in our Flax model, and saves them as a checkpoint.
 
   pip install -e ".[torch]"
-  python train/evaluate.py --config train/configs/wrn28_10_cifar100.py --torch_checkpoint wrn_cifar100.pth \\
-      --workdir runs/authors-wrn-cifar100 --config.data_dir=$HOME/tensorflow_datasets
+  python train/evaluate_authors_checkpoint.py --config train/configs/wrn28_10_cifar100.py \\
+      --torch_checkpoint wrn_cifar100.pth --workdir runs/authors-wrn-cifar100 \\
+      --config.data_dir=$HOME/tensorflow_datasets
 
 Their `test.py` evaluates 8 checkpoints (WRN and PyramidNet on CIFAR-10,
 CIFAR-100, Fashion-MNIST and Food101). This maps one of them onto the config's
@@ -32,9 +33,9 @@ from train import checkpointing  # noqa: E402
 from train import config_checks  # noqa: E402
 from train import models  # noqa: E402
 from train import optimizers  # noqa: E402
+from train import run_files  # noqa: E402
 from train import torch_weights  # noqa: E402
 from train import train  # noqa: E402
-from train import workdir as workdir_files  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("torch_checkpoint", None, "The authors' .pth file (or a .npz of its state dict).", required=True)
@@ -97,8 +98,8 @@ def load_authors_weights(config, state_dict: dict, workdir=None, data=None) -> d
   val_loss, val_acc = train.evaluate(experiment.eval_step, state, experiment.eval_batches())
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
-    with workdir_files.WorkdirLock(workdir):
-      workdir_files.write_config(config, workdir)
+    with run_files.WorkdirLock(workdir):
+      run_files.write_config(config, workdir)
       checkpoints = checkpointing.Checkpoints(
         os.path.abspath(os.path.join(workdir, "checkpoints")), config.checkpoint_max_to_keep
       )
