@@ -1,11 +1,13 @@
-"""Compile time and step time of the AACE-SAM step with its global norms and checks in either form.
+"""Compile time and step time of the AACE-SAM step with its global norms and checks in each form.
 
     python benchmarks/norm_forms.py --models pyramidnet272,wrn28_10 --batch 8 --json
 
-`aace_jax`'s global norms and non-finite checks either concatenate every
-leaf into one vector and reduce it once (`concatenated`, what a lone CPU
-device gets) or reduce each leaf and combine the scalars (`per_leaf`, what
-every other platform and any sharded state gets). For each model and form, a
+`aace_jax`'s global norms and non-finite checks either reduce vectors of
+concatenated leaves, 32 leaves each (`chunks_of_32`, what a lone CPU device
+gets), or reduce each leaf and combine the scalars (`per_leaf`, what every
+other platform and any sharded state gets); `one_vector` concatenates every
+leaf into one vector (the library's CPU form before the chunks). For each
+model and form, a
 fresh process (no compilation cache, nothing compiled in memory) builds
 the jitted, donating AACE-SAM step of `benchmarks/step_time.py` (guarded,
 SGD with momentum and weight decay as the base), times its trace and
@@ -26,7 +28,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-FORMS = ("concatenated", "per_leaf")
+FORMS = ("chunks_of_32", "one_vector", "per_leaf")
 
 
 def parse_args(argv=None):
@@ -37,11 +39,15 @@ def parse_args(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
   parser.add_argument("--num_classes", type=int, default=100)
+  parser.add_argument("--forms", type=lambda text: text.split(","), default=list(FORMS), help=f"a subset of {FORMS}")
   parser.add_argument("--json", action="store_true", help="print only the JSON object")
   parser.add_argument("--form", choices=FORMS, help=argparse.SUPPRESS)  # one model and form, in a child
   args = parser.parse_args(argv)
   if args.batch < 1 or args.steps < 1:
     parser.error(f"--batch and --steps must be positive, got {args.batch} and {args.steps}")
+  unknown = [form for form in args.forms if form not in FORMS]
+  if unknown:
+    parser.error(f"--forms must name forms of {FORMS}, got {','.join(unknown)}")
   return args
 
 
@@ -53,7 +59,9 @@ def one_form(args) -> dict:
   from aace_jax import _norms
 
   # The form is decided when the step is traced; fix it for this process.
-  _norms.concatenates = lambda: args.form == "concatenated"
+  _norms.concatenates = lambda: args.form != "per_leaf"
+  if args.form == "one_vector":
+    _norms.CHUNK_LEAVES = 2**31
   step_args = argparse.Namespace(
     model=args.models[0], num_classes=args.num_classes, dtype="float32", batch=args.batch, image_size=32
   )
@@ -94,7 +102,7 @@ def run_all(args) -> dict:
   }
   for model in args.models:
     report["models"][model] = {}
-    for form in FORMS:
+    for form in args.forms:
       command = [sys.executable, __file__, "--models", model, "--batch", str(args.batch), "--steps", str(args.steps)]
       command += ["--num_classes", str(args.num_classes), "--form", form]
       child = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -51,15 +51,11 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", CONFIG, "The config every run starts from.", lock_config=True)
 
 
-def first_pass_direction(config, experiment):
+def first_pass_direction(experiment):
   """`(state, batch) -> the first-pass gradient, flattened`: the direction of the step's perturbation."""
   from train import augment
-  from train import models
-  from train import optimizers
 
-  data = experiment.data
-  model = models.create_model(config.model, data.spec.num_classes, models.DTYPES[config.dtype])
-  method = optimizers.create_training_method(config, data.steps_per_epoch)
+  data, model, method = experiment.data, experiment.model, experiment.method
 
   @jax.jit
   def direction(state, batch):
@@ -85,7 +81,7 @@ def alignment(config, lags: list[int]) -> dict:
   if config.augment != "none":
     raise SystemExit("the measuring pass sees the stored images: use a config without augmentation (--config ...)")
   experiment = train.create_experiment(config)
-  direction = first_pass_direction(config, experiment)
+  direction = first_pass_direction(experiment)
   state, totals = experiment.init_state(), experiment.totals
   recent = collections.deque(maxlen=max(lags))
   epochs, step_number = [], 0

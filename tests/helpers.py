@@ -2,7 +2,11 @@
 
 import csv
 import os
+import pathlib
+import shlex
+import shutil
 import socket
+import sys
 
 import flax.linen as nn
 import jax
@@ -10,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import pytest
 
 import aace_jax
 from train.configs import default
@@ -158,6 +163,27 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------
 # Trainer runs.
 # ---------------------------------------------------------------------------
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# train/main.py's runs in a subprocess: the digits, 3 epochs of batch 32, no compilation cache.
+ARGS = ["--config.num_epochs=3", "--config.batch_size=32", "--config.compilation_cache=False"]
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+STEPS_PER_EPOCH = 1438 // 32
+
+
+def main_command(workdir, *extra):
+  return [sys.executable, str(REPO / "train" / "main.py"), "--workdir", str(workdir), *ARGS, *extra]
+
+
+def without_file_permission_override(command: list) -> list:
+  """`command` run as this user without the capabilities that let root read any file (CI runs as root),
+  or a skip where they cannot be dropped."""
+  if os.geteuid() != 0:
+    return command
+  if shutil.which("capsh") is None:
+    pytest.skip("needs capsh (libcap2-bin) to drop root's file-permission override")
+  shell = " ".join(shlex.quote(str(part)) for part in command)
+  return ["capsh", "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shell]
 
 
 def small_config(**overrides):

@@ -72,3 +72,29 @@ def test_breakdown_trace_finds_the_step_where_w_adv_fits_better_than_w(tmp_path)
   assert len(trace["sgd"]["steps"]["loss"]) == trace["sgd"]["steps_per_epoch"] == 1438 // 128
   assert trace["sgd"]["steps"]["loss"] == trace["sgd"]["steps"]["perturbed_loss"]
   assert (tmp_path / "trace.png").read_bytes()[:4] == b"\x89PNG"
+
+
+NORMS_SCRIPT = SCRIPT.parent / "norm_forms.py"
+
+
+def test_norm_forms_reports_each_form_and_the_forms_differ_as_documented():
+  result = subprocess.run(
+    [sys.executable, str(NORMS_SCRIPT), "--models", "wrn16_4", "--batch", "2", "--steps", "1", "--json"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.splitlines()[-1])
+  forms = report["models"]["wrn16_4"]
+  assert set(forms) == {"chunks_of_32", "one_vector", "per_leaf"}
+  for form in forms.values():
+    assert form["loss_finite"] and form["compile_seconds"] > 0 and form["step_seconds"] > 0
+    assert form["parameter_leaves"] == 44
+  # Reduced leaf by leaf, the step compiles the most kernels; in one vector, the fewest.
+  assert forms["per_leaf"]["fusions"] > forms["chunks_of_32"]["fusions"] >= forms["one_vector"]["fusions"]
+
+
+def test_norm_forms_bad_arguments_are_rejected():
+  result = subprocess.run([sys.executable, str(NORMS_SCRIPT), "--forms", "flat"], capture_output=True, text=True)
+  assert result.returncode == 2 and "--forms must name forms of" in result.stderr

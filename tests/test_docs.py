@@ -143,6 +143,7 @@ def test_shell_command(line):
       "benchmarks/first_step.py",
       "benchmarks/vs_pytorch.py",
       "benchmarks/accelerator_report.py",
+      "benchmarks/norm_forms.py",
     ):
       sys.path.insert(0, str(REPO / "benchmarks"))
       script = importlib.import_module(pathlib.Path(words[1]).stem)

@@ -232,3 +232,51 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
 def test_unknown_dataset():
   with pytest.raises(ValueError, match="Unknown dataset 'mnist2'"):
     ip.create_data("mnist2", global_batch=8, global_eval_batch=8, seed=0)
+
+
+# ---------------------------------------------------------------------------
+# Bad records, named before anything trains (tests/test_faults.py runs one through the trainer: nothing is written).
+# ---------------------------------------------------------------------------
+
+DIGITS = ip.get_spec("digits")
+
+
+def digits_train_with(change):
+  """The digits' training source with `change(images, labels)` applied to copies of its arrays."""
+  source, _ = ip.digits_sources()
+  images, labels = source.images.copy(), source.labels.copy()
+  change(images, labels)
+  return ip.ArraySource(images, labels)
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (lambda images, labels: images.__setitem__((17, 3, 3), np.nan), "train record 17 has non-finite pixel values"),
+    (lambda images, labels: images.__setitem__((40, 2, 2), 3e19), r"train record 40 has pixel values in \[0, 3e\+19\]"),
+    (lambda images, labels: labels.__setitem__(5, 10), r"train labels\[5\] = 10 is outside \[0, 10\)"),
+  ],
+  ids=["non-finite pixel", "huge pixel", "label out of range"],
+)
+def test_a_bad_record_is_named(change, message):
+  with pytest.raises(ip.RecordError, match=message):
+    ip.decode_split(DIGITS, digits_train_with(change), "train")
+
+
+@pytest.mark.parametrize("empty", ["train", "eval"])
+def test_an_empty_split_is_named(monkeypatch, empty):
+  sources = dict(zip(("train", "eval"), ip.digits_sources()))
+  sources[empty] = ip.ArraySource(sources[empty].images[:0], sources[empty].labels[:0])
+  monkeypatch.setattr(ip, "digits_sources", lambda: (sources["train"], sources["eval"]))
+  with pytest.raises(ip.RecordError, match=f"the {empty} split of 'digits' is empty"):
+    ip.create_data("digits", global_batch=64, global_eval_batch=128, seed=0)
+
+
+def test_an_unreadable_record_is_named_in_memory_and_streamed():
+  source, _ = ip.digits_sources()
+  with pytest.raises(ip.RecordError, match="train record 123 cannot be read: OSError: bad CRC"):
+    ip.decode_split(DIGITS, RecordSource(source, broken=[123]), "train")
+  # Streamed (a split too large for memory), the record is named when a batch reads it.
+  streamed = ip.StreamedSplit(DIGITS, RecordSource(source, broken=[123]), "train")
+  with pytest.raises(ip.RecordError, match="train record 123 cannot be read"):
+    streamed.take(np.arange(120, 130))

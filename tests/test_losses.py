@@ -266,3 +266,21 @@ def test_kl_divergence_is_minus_log_one_minus_p_y_and_finite_when_confident():
   # -log(1 - p_y) = logsumexp(z) - logsumexp(z_others), and logsumexp(z) = 30 to float precision here.
   expected = 30.0 - np.log(np.exp(z[1:]).sum())
   assert np.isfinite(value) and abs(value - expected) < 0.1
+
+
+def test_aace_loss_finite_where_the_authors_float16_formula_is_nan():
+  logits = np.array([[30.0, 0.0, -2.0, 1.0]], np.float16)  # a confident prediction
+  labels = np.array([0])
+  # The authors' target in float16: p * (1 - onehot) / sum(...), and the sum underflows to 0.
+  z = logits.astype(np.float16)
+  p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+  others = p * (1 - np.eye(4, dtype=np.float16)[labels])
+  with np.errstate(invalid="ignore", divide="ignore"):
+    authors_q = others / others.sum(-1, keepdims=True)
+  assert np.isnan(authors_q).any()
+  for dtype in (jnp.float16, jnp.bfloat16):
+    loss, grad = jax.value_and_grad(lambda z: aace_jax.aace_cross_entropy(z, labels).sum())(jnp.asarray(logits, dtype))
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(grad, np.float32)))
+    # q = softmax over the other classes: finite and summing to one.
+    q = aace_jax.aace_targets(jnp.asarray(logits, dtype), labels)
+    np.testing.assert_allclose(np.asarray(q).sum(), 1.0, rtol=1e-5)

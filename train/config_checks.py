@@ -6,8 +6,6 @@ label smoothing) are checked by the library itself, on the objects the run
 would build (`check_with_the_library`), so there is one source for each range.
 """
 
-import functools
-import inspect
 import json
 import math
 import os
@@ -19,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+import aace_jax
 from train import augment
 from train import input_pipeline
 from train import models
@@ -91,7 +90,18 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
   check_fields(config)
   if device_count == -1:
     device_count = jax.device_count()
-  checks = [
+  checks = [*_what_runs(config), *_how_it_trains(config)]
+  if device_count is not None:
+    checks += _device_split(config, device_count)
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(f"Bad config: {message}.")
+  check_with_the_library(config)
+
+
+def _what_runs(config: ml_collections.ConfigDict) -> list:
+  """`(ok, message)` for the seed, the counts, the method, data, model and sizes."""
+  return [
     (
       isinstance(config.seed, int) and SEED_RANGE[0] <= config.seed <= SEED_RANGE[1],
       f"seed must be an integer in [0, 2**63 - 1], got {config.seed}",
@@ -124,6 +134,12 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
     (_at_least(config.num_epochs, 1), f"num_epochs must be >= 1, got {config.num_epochs}"),
     (_at_least(config.batch_size, 1), f"batch_size must be >= 1, got {config.batch_size}"),
     (_at_least(config.eval_batch_size, 1), f"eval_batch_size must be >= 1, got {config.eval_batch_size}"),
+  ]
+
+
+def _how_it_trains(config: ml_collections.ConfigDict) -> list:
+  """`(ok, message)` for the optimization, the cheaper steps, the guards, logging and checkpoints."""
+  return [
     (
       _is_number(config.learning_rate) and config.learning_rate > 0,
       f"learning_rate must be a finite number > 0, got {config.learning_rate}",
@@ -181,32 +197,31 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
       f"halt_after_epochs must be >= 1 (or None), got {config.halt_after_epochs}",
     ),
   ]
-  if device_count is not None:
-    checks += [
-      (
-        config.batch_size % device_count == 0,
-        f"batch_size {config.batch_size} is not divisible by the {device_count} devices",
-      ),
-      (
-        config.eval_batch_size % device_count == 0,
-        f"eval_batch_size {config.eval_batch_size} is not divisible by the {device_count} devices",
-      ),
-      (
-        (config.batch_size // device_count) % config.grad_accum_steps == 0,
-        f"the per-device batch {config.batch_size // device_count} does not split into"
-        f" grad_accum_steps={config.grad_accum_steps} micro-batches",
-      ),
-      (
-        _first_pass_splits(config, config.batch_size // device_count),
-        f"perturbation_batch_fraction={config.perturbation_batch_fraction} of the per-device batch"
-        f" {config.batch_size // device_count} does not split into grad_accum_steps={config.grad_accum_steps}"
-        " micro-batches",
-      ),
-    ]
-  for ok, message in checks:
-    if not ok:
-      raise ConfigError(f"Bad config: {message}.")
-  check_with_the_library(config)
+
+
+def _device_split(config: ml_collections.ConfigDict, device_count: int) -> list:
+  """`(ok, message)` for the batches' split over `device_count` devices and into micro-batches."""
+  return [
+    (
+      config.batch_size % device_count == 0,
+      f"batch_size {config.batch_size} is not divisible by the {device_count} devices",
+    ),
+    (
+      config.eval_batch_size % device_count == 0,
+      f"eval_batch_size {config.eval_batch_size} is not divisible by the {device_count} devices",
+    ),
+    (
+      (config.batch_size // device_count) % config.grad_accum_steps == 0,
+      f"the per-device batch {config.batch_size // device_count} does not split into"
+      f" grad_accum_steps={config.grad_accum_steps} micro-batches",
+    ),
+    (
+      _first_pass_splits(config, config.batch_size // device_count),
+      f"perturbation_batch_fraction={config.perturbation_batch_fraction} of the per-device batch"
+      f" {config.batch_size // device_count} does not split into grad_accum_steps={config.grad_accum_steps}"
+      " micro-batches",
+    ),
+  ]
 
 
 def _first_pass_splits(config, per_device_batch: int) -> bool:
@@ -231,17 +246,25 @@ LIBRARY_ARGUMENTS = {
 
 
 def check_with_the_library(config: ml_collections.ConfigDict) -> None:
-  """Builds the run's transformation and traces its losses abstractly: the library's checks are the only ones.
+  """Builds the run's transformation and traces a step with it abstractly: the library's checks are the only ones.
 
   `jax.eval_shape` traces without compiling or running anything, and every
-  argument check of the losses runs at trace time.
+  argument check of the transformation and the losses runs at trace time.
   """
   try:
     method = optimizers.create_training_method(config, steps_per_epoch=1)
-    logits, labels = jax.ShapeDtypeStruct((1, 2), jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32)
-    for loss in (method.perturbation_loss, method.loss, *method.aace_metrics.values()):
-      extra = {"key": jax.random.key(0)} if "key" in inspect.signature(loss).parameters else {}
-      jax.eval_shape(functools.partial(loss, **extra), logits, labels)
+    # A two-class linear model's step, traced as the run's step is: the library calls each loss as it will.
+    apply_fn = lambda params, model_state, images, *, train, rng: (images @ params, model_state)
+    step = aace_jax.make_train_step(
+      apply_fn,
+      method.tx,
+      perturbation_loss=method.perturbation_loss,
+      loss=method.loss,
+      extra_metrics=method.aace_metrics,
+    )
+    make_state = lambda: aace_jax.TrainState.create(params=jnp.zeros((2, 2)), tx=method.tx, rng=jax.random.key(0))
+    batch = {"image": jax.ShapeDtypeStruct((2, 2), jnp.float32), "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
+    jax.eval_shape(step, jax.eval_shape(make_state), batch)
   except (TypeError, ValueError) as error:
     argument = re.search(r": (\w+) must", str(error))
     field = LIBRARY_ARGUMENTS.get(argument.group(1)) if argument else None

@@ -32,7 +32,6 @@ import aace_jax  # noqa: E402
 from train import checkpointing  # noqa: E402
 from train import config_checks  # noqa: E402
 from train import models  # noqa: E402
-from train import optimizers  # noqa: E402
 from train import run_files  # noqa: E402
 from train import torch_weights  # noqa: E402
 from train import train  # noqa: E402
@@ -78,22 +77,18 @@ def load_authors_weights(config, state_dict: dict, workdir=None, data=None) -> d
   """
   config_checks.check_config(config)
   experiment = train.create_experiment(config, data)
-  architecture, blocks = architecture_of(
-    models.create_model(config.model, experiment.data.spec.num_classes, models.DTYPES[config.dtype])
-  )
+  architecture, blocks = architecture_of(experiment.model)
   state = experiment.init_state()  # for the optimizer's state layout and the run's key
   template = jax.device_get({"params": state.params, **state.model_state})
   variables = torch_weights.from_authors(state_dict, template, architecture=architecture, blocks=blocks)
-  tx = optimizers.create_training_method(config, experiment.data.steps_per_epoch).tx
-  mesh = jax.tree.leaves(state.params)[0].sharding.mesh
   state = aace_jax.replicate_on_mesh(
     aace_jax.TrainState.create(
       params=variables["params"],
       model_state={"batch_stats": variables["batch_stats"]},
-      tx=tx,
+      tx=experiment.method.tx,
       rng=jax.random.wrap_key_data(jax.device_get(jax.random.key_data(state.rng))),
     ),
-    mesh,
+    experiment.mesh,
   )
   val_loss, val_acc = train.evaluate(experiment.eval_step, state, experiment.eval_batches())
   if workdir is not None:

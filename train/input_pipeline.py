@@ -37,6 +37,7 @@ import numpy as np
 
 import aace_jax
 from train import idx
+from train import run_files
 
 # Per-channel statistics of the training sets, as the authors' loaders compute them.
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
@@ -380,18 +381,11 @@ def load_cached(path: str, spec: DatasetSpec, count: int) -> Optional[Split]:
 
 def save_cached(path: str, split: Split) -> None:
   """Writes `split` to `path` atomically: a killed write leaves no file under that name."""
-  temporary = f"{path}.tmp-{os.getpid()}"
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(temporary, "wb") as f:
-      np.savez(f, images=split.images, labels=split.labels)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
+    run_files.atomic_write(path, lambda f: np.savez(f, images=split.images, labels=split.labels))
   except OSError as error:
     warnings.warn(f"could not write the decoded cache {path} ({error}); later runs will decode again", stacklevel=2)
-    if os.path.exists(temporary):
-      os.remove(temporary)
 
 
 def open_split(

@@ -250,8 +250,12 @@ def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...
   ``init`` run op by op compiles one small program per parameter shape
   (16 s for PyramidNet-272's 408 shapes, against 2 s compiled at once).
   """
-  init = jax.jit(lambda key: then(model.init(key, jnp.zeros((1, *image_shape)), train=False)))
-  return init.lower(key).compile(compiler_options={"xla_backend_optimization_level": 0})(key)
+  return run_init(lambda key: then(model.init(key, jnp.zeros((1, *image_shape)), train=False)), key)
+
+
+def run_init(init: Callable, *args):
+  """`init(*args)` compiled at backend optimization level 0 (see `init_variables`): for programs that run once."""
+  return jax.jit(init).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})(*args)
 
 
 # The computation dtypes a config may name; parameters stay float32.

@@ -16,7 +16,10 @@ import shutil
 import socket
 import time
 import warnings
+from typing import BinaryIO
+from typing import Callable
 from typing import Optional
+from typing import Union
 
 CSV_COLUMNS = (
   "epoch",
@@ -129,14 +132,25 @@ def write_config(config, workdir: str) -> None:
     atomic_write(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def atomic_write(path: str, text: str) -> None:
-  """Writes `path` whole or not at all: a kill leaves the old file or the new one."""
+def atomic_write(path: str, contents: Union[str, Callable[[BinaryIO], None]]) -> None:
+  """Writes `path` whole or not at all: a kill leaves the old file or the new one, and no partial file behind.
+
+  `contents`: the text, or a function that writes the bytes to the file it is given.
+  """
   aside = f"{path}.tmp-{os.getpid()}"
-  with open(aside, "w", newline="") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(aside, path)
+  try:
+    with open(aside, "wb") as f:
+      if isinstance(contents, str):
+        f.write(contents.encode())
+      else:
+        contents(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(aside, path)
+  except BaseException:
+    if os.path.exists(aside):
+      os.remove(aside)
+    raise
 
 
 def clear_run(workdir: str) -> None:
@@ -229,7 +243,7 @@ class RunFiles:
       f.write(self._csv_text([row], header=new_file))
       f.flush()
       os.fsync(f.fileno())
-    self._optional("TensorBoard events", lambda: self._add_scalars(row))
+    self._optional("TensorBoard events", lambda: self.write_events(row))
     self._optional("plots", self.plot)
 
   @staticmethod
@@ -241,7 +255,8 @@ class RunFiles:
     writer.writerows({**row, "epoch": int(row["epoch"])} for row in rows)
     return text.getvalue()
 
-  def _add_scalars(self, row: dict) -> None:
+  def write_events(self, row: dict) -> None:
+    """Adds the row's values to the TensorBoard events, at the epoch's number counted from 1."""
     for name, value in row.items():
       if name != "epoch":
         self.writer.add_scalar(name, value, int(row["epoch"]) + 1)

@@ -269,8 +269,14 @@ class Experiment(NamedTuple):
   """What a run needs, built from the config before anything is written.
 
   Attributes:
-    state_shapes: the train state's shapes, dtypes and (replicated) shardings:
-      what a checkpoint is restored into, with no init run.
+    data: the dataset, opened.
+    model: the Flax model.
+    method: the training method (`optimizers.TrainingMethod`: the
+      transformation and its losses).
+    mesh: the devices, one ``data`` axis.
+    state_shapes: the train state's shapes, dtypes and (replicated) shardings,
+      ``jax.eval_shape`` of `init_state`'s program: what a checkpoint is
+      restored into, with no init run.
     init_state: ``() ->`` the initial train state on the devices (compiles and
       runs the parameter init; a resumed run never calls it).
     totals: the initial epoch totals, on the devices.
@@ -287,6 +293,9 @@ class Experiment(NamedTuple):
   """
 
   data: input_pipeline.Data
+  model: Any
+  method: optimizers.TrainingMethod
+  mesh: jax.sharding.Mesh
   state_shapes: aace_jax.TrainState
   init_state: Callable[[], aace_jax.TrainState]
   totals: dict
@@ -298,22 +307,78 @@ class Experiment(NamedTuple):
   eval_batches: Callable[[], Iterator]
 
 
+class Inputs(NamedTuple):
+  """How the training batches reach the step: the batches of an epoch, and their shapes before any is read."""
+
+  batches: Callable[[int, int], Iterator]
+  shapes: Callable[[], Any]
+
+
+def host_fed_inputs(data: input_pipeline.Data, batch_sharding: NamedSharding) -> Inputs:
+  """The host reads and batches the stored images; each batch goes to the devices as a global array."""
+
+  to_global = host_fed_to_global(batch_sharding)
+
+  def shapes():
+    # One stored record tells the dtype (uint8, or float32 for float datasets) without reading a batch.
+    image, label = data.train.take(np.arange(1))
+    return {
+      "image": jax.ShapeDtypeStruct((data.global_batch, *image.shape[1:]), image.dtype, sharding=batch_sharding),
+      "label": jax.ShapeDtypeStruct((data.global_batch,), label.dtype, sharding=batch_sharding),
+    }
+
+  return Inputs(lambda epoch, start: prefetch_to_device(data.train_batches(epoch, start), to_global), shapes)
+
+
+def device_resident_inputs(data: input_pipeline.Data, mesh: jax.sharding.Mesh) -> Inputs:
+  """The whole train split on every device; each step gathers its batch there from the epoch's order."""
+  images, labels = aace_jax.replicate_on_mesh((data.train.images, data.train.labels), mesh)
+
+  def batches(epoch, start_step):
+    split = DeviceSplit(images, labels, aace_jax.replicate_on_mesh(data.epoch_order(epoch), mesh))
+    return itertools.repeat(split, data.steps_per_epoch - start_step)
+
+  def shapes():
+    order = jax.ShapeDtypeStruct((len(data.train),), jnp.int32, sharding=NamedSharding(mesh, P()))
+    return DeviceSplit(images, labels, order)
+
+  return Inputs(batches, shapes)
+
+
+def open_data(config: ml_collections.ConfigDict) -> input_pipeline.Data:
+  """This host's part of the config's dataset, opened as the config says."""
+  return input_pipeline.create_data(
+    config.dataset,
+    global_batch=config.batch_size,
+    global_eval_batch=config.eval_batch_size,
+    seed=config.seed,
+    data_dir=config.data_dir,
+    cache_dir=decoded_cache_dir(config),
+    max_in_memory_bytes=config.max_in_memory_gb * 2**30,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    train_examples=config.train_examples,
+    augment=config.augment,
+  )
+
+
+def state_initializer(model, method: optimizers.TrainingMethod, image_shape: tuple) -> Callable:
+  """`(init_key, state_key) -> TrainState`: the model's variables and the optimizer's state, in one program.
+
+  Both keys are arguments, so one compiled program serves every seed.
+  """
+
+  def init(init_key, state_key):
+    variables = dict(model.init(init_key, jnp.zeros((1, *image_shape)), train=False))
+    params = variables.pop("params")
+    return aace_jax.TrainState.create(params=params, model_state=variables, tx=method.tx, rng=state_key)
+
+  return init
+
+
 def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pipeline.Data] = None) -> Experiment:
-  """Opens the data (unless given), builds the model, optimizer and jitted steps over a mesh of every device."""
-  if data is None:
-    data = input_pipeline.create_data(
-      config.dataset,
-      global_batch=config.batch_size,
-      global_eval_batch=config.eval_batch_size,
-      seed=config.seed,
-      data_dir=config.data_dir,
-      cache_dir=decoded_cache_dir(config),
-      max_in_memory_bytes=config.max_in_memory_gb * 2**30,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      train_examples=config.train_examples,
-      augment=config.augment,
-    )
+  """Opens the data (unless given), builds the model, the method and the jitted steps over a mesh of every device."""
+  data = open_data(config) if data is None else data
   if config.data_on_device and not data.in_memory:
     raise config_checks.ConfigError(
       f"Bad config: data_on_device needs the splits in memory, but {config.dataset!r} is larger than"
@@ -322,97 +387,59 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
   method = optimizers.create_training_method(config, data.steps_per_epoch)
   model = models.create_model(config.model, data.spec.num_classes, models.DTYPES[config.dtype])
   apply_fn = aace_jax.linen_apply_fn(model)
-
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  batch_sharding = NamedSharding(mesh, P("data"))
-  sharded_eval_step = aace_jax.shard_step(aace_jax.make_eval_step(apply_fn, loss=method.loss, axis_name="data"), mesh)
+  batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  eval_step = aace_jax.shard_step(aace_jax.make_eval_step(apply_fn, loss=method.loss, axis_name="data"), mesh)
 
   def device_steps(new_perturbation):
-    sharded_train_step = aace_jax.shard_step(
-      aace_jax.make_train_step(
-        apply_fn,
-        method.tx,
-        perturbation_loss=method.perturbation_loss,
-        loss=method.loss,
-        axis_name="data",
-        sync_perturbation=config.sync_perturbation,
-        grad_accum_steps=config.grad_accum_steps,
-        perturbation_batch_fraction=config.perturbation_batch_fraction,
-        new_perturbation=new_perturbation,
-        extra_metrics=method.aace_metrics,
-      ),
-      mesh,
+    train_step = aace_jax.make_train_step(
+      apply_fn,
+      method.tx,
+      perturbation_loss=method.perturbation_loss,
+      loss=method.loss,
+      axis_name="data",
+      sync_perturbation=config.sync_perturbation,
+      grad_accum_steps=config.grad_accum_steps,
+      perturbation_batch_fraction=config.perturbation_batch_fraction,
+      new_perturbation=new_perturbation,
+      extra_metrics=method.aace_metrics,
     )
-    return make_device_steps(
-      sharded_train_step, sharded_eval_step, data, seed=config.seed, batch_sharding=batch_sharding
+    steps = make_device_steps(
+      aace_jax.shard_step(train_step, mesh), eval_step, data, seed=config.seed, batch_sharding=batch_sharding
     )
+    host_fed_step, resident_step, normalized_eval_step = steps
+    return (resident_step if config.data_on_device else host_fed_step), normalized_eval_step
 
   cycle = config.perturb_every if config.optimizer != "sgd" else 1
-  host_fed_step, resident_step, eval_step = device_steps(True if cycle > 1 else None)
-  host_fed_between, resident_between, _ = device_steps(False) if cycle > 1 else (None, None, None)
-
-  def to_global(batch):
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
-
-  replicated = NamedSharding(mesh, P())
-  if config.data_on_device:
-    images, labels = aace_jax.replicate_on_mesh((data.train.images, data.train.labels), mesh)
-
-    def train_batches(epoch, start_step):
-      split = DeviceSplit(images, labels, aace_jax.replicate_on_mesh(data.epoch_order(epoch), mesh))
-      return itertools.repeat(split, data.steps_per_epoch - start_step)
-
-    def batch_shapes():
-      return DeviceSplit(images, labels, jax.ShapeDtypeStruct((len(data.train),), jnp.int32, sharding=replicated))
-
-    train_step, between_step = resident_step, resident_between
-  else:
-
-    def train_batches(epoch, start_step):
-      return prefetch_to_device(data.train_batches(epoch, start_step), to_global)
-
-    def batch_shapes():
-      # One stored record tells the dtype (uint8, or float32 for float datasets) without reading a batch.
-      image, label = data.train.take(np.arange(1))
-      return {
-        "image": jax.ShapeDtypeStruct((data.global_batch, *image.shape[1:]), image.dtype, sharding=batch_sharding),
-        "label": jax.ShapeDtypeStruct((data.global_batch,), label.dtype, sharding=batch_sharding),
-      }
-
-    train_step, between_step = host_fed_step, host_fed_between
-
-  def train_step_at(step_number: int):
-    return train_step if step_number % cycle == 0 else between_step
-
+  train_step, normalized_eval_step = device_steps(True if cycle > 1 else None)
+  between_step = device_steps(False)[0] if cycle > 1 else None
+  inputs = device_resident_inputs(data, mesh) if config.data_on_device else host_fed_inputs(data, batch_sharding)
+  init = state_initializer(model, method, data.spec.image_shape)
   init_key, state_key = jax.random.split(jax.random.key(config.seed))
-
-  def create_state(variables, rng=state_key):
-    params = variables.pop("params")
-    return aace_jax.TrainState.create(params=params, model_state=dict(variables), tx=method.tx, rng=rng)
-
-  def init_state():
-    # The run's key joins the state after the compiled init: inside it, it
-    # would be a constant of the program, and every seed would compile anew.
-    state = models.init_variables(model, init_key, data.spec.image_shape, lambda v: create_state(v, rng=None))
-    return aace_jax.replicate_on_mesh(state._replace(rng=state_key), mesh)
-
   state_shapes = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-    jax.eval_shape(lambda: create_state(model.init(init_key, jnp.zeros((1, *data.spec.image_shape)), train=False))),
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init, init_key, state_key)
   )
   totals = aace_jax.replicate_on_mesh(zero_totals(), mesh)
   return Experiment(
     data=data,
+    model=model,
+    method=method,
+    mesh=mesh,
     state_shapes=state_shapes,
-    init_state=init_state,
+    init_state=lambda: aace_jax.replicate_on_mesh(models.run_init(init, init_key, state_key), mesh),
     totals=totals,
     train_step=train_step,
-    train_step_at=train_step_at,
-    train_step_shapes=lambda: (state_shapes, totals, batch_shapes()),
-    train_batches=train_batches,
-    eval_step=eval_step,
-    eval_batches=lambda: prefetch_to_device(data.eval_batches(), to_global),
+    train_step_at=lambda step_number: train_step if step_number % cycle == 0 else between_step,
+    train_step_shapes=lambda: (state_shapes, totals, inputs.shapes()),
+    train_batches=inputs.batches,
+    eval_step=normalized_eval_step,
+    eval_batches=lambda: prefetch_to_device(data.eval_batches(), host_fed_to_global(batch_sharding)),
   )
+
+
+def host_fed_to_global(batch_sharding: NamedSharding) -> Callable:
+  """`batch -> batch` of global arrays split over `batch_sharding`, from this host's rows."""
+  return lambda batch: jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
 
 
 def evaluate(eval_step, state, batches: Iterator[dict]) -> tuple[float, float]:
@@ -577,6 +604,33 @@ def restore_or_initialize(checkpoints: checkpointing.Checkpoints, experiment: Ex
   return restored
 
 
+def first_epoch(start_step: int, steps_per_epoch: int, rows: list) -> int:
+  """The epoch a run resumed at `start_step` starts in.
+
+  A checkpoint at an epoch's end without the epoch's row (non-finite steps
+  stopped the run at its last step, or an older trainer stopped there):
+  that epoch, with no steps left, to evaluate it.
+  """
+  epoch_of_last_step = (start_step - 1) // steps_per_epoch
+  unevaluated = start_step > 0 and epoch_of_last_step not in {row["epoch"] for row in rows}
+  return epoch_of_last_step if unevaluated else start_step // steps_per_epoch
+
+
+def record_epoch(files, checkpoints, history, state, totals, row: dict):
+  """Saves the epoch's row in the checkpoint, then in the CSV: a kill before the CSV write loses nothing."""
+  history = checkpointing.with_row(history, row)
+  checkpoints.save(state, totals, history)
+  try:
+    files.append(row)
+  except OSError as error:
+    checkpoints.wait()  # the row is in the checkpoint being written: make it whole, or say it is not
+    raise run_files.RunFilesError(
+      f"could not write {files.csv_path} ({error.strerror or error}); the checkpoint of step"
+      f" {checkpoints.last_saved}, written whole, holds its rows: rerun to rebuild it."
+    ) from error
+  return history
+
+
 def train_loop(
   config, workdir: str, experiment: Experiment, signals: StopSignals, *, is_writer: bool, invocation_start: float
 ) -> dict:
@@ -596,13 +650,8 @@ def train_loop(
     last_row = rows[-1] if rows else None
     stopped_by = None
     halt_at = None if config.halt_after_epochs is None else start_step // steps_per_epoch + config.halt_after_epochs
-    # A checkpoint at an epoch's end without the epoch's row (non-finite steps stopped the run at its last
-    # step, or an older trainer stopped there): start in that epoch, with no steps left, to evaluate it.
-    epoch_of_last_step = (start_step - 1) // steps_per_epoch
-    unevaluated = start_step > 0 and epoch_of_last_step not in {row["epoch"] for row in rows}
-    first_epoch = epoch_of_last_step if unevaluated else start_step // steps_per_epoch
     compiling.result()  # raises what the compile raised
-    for epoch in range(first_epoch, config.num_epochs):
+    for epoch in range(first_epoch(start_step, steps_per_epoch, rows), config.num_epochs):
       if halt_at is not None and epoch >= halt_at:
         stopped_by = "halt_after_epochs"
         break
@@ -630,17 +679,7 @@ def train_loop(
       # A stop after the epoch's last step still evaluates it, so that its checkpoint holds its row.
       val_loss, val_acc = evaluate(experiment.eval_step, state, experiment.eval_batches())
       last_row = log.row(totals, val_loss, val_acc, wall_time=clock.wall_time())
-      # The row is part of the checkpoint: a kill before the CSV write loses nothing.
-      history = checkpointing.with_row(history, last_row)
-      checkpoints.save(state, totals, history)
-      try:
-        files.append(last_row)
-      except OSError as error:
-        checkpoints.wait()  # the row is in the checkpoint being written: make it whole, or say it is not
-        raise run_files.RunFilesError(
-          f"could not write {files.csv_path} ({error.strerror or error}); the checkpoint of step"
-          f" {checkpoints.last_saved}, written whole, holds its rows: rerun to rebuild it."
-        ) from error
+      history = record_epoch(files, checkpoints, history, state, totals, last_row)
       log.report(last_row)
       warning = breakdown_warning(last_row, config)
       if warning is not None and is_writer:
