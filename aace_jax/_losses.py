@@ -147,9 +147,9 @@ def aace_targets(
 def _adversarial_targets(owner, logits, labels, threshold, mode, key) -> jax.Array:
   _checks.check_in_range(owner, "threshold", threshold, 0.0, 1.0)
   if mode not in AACE_MODES:
-    raise ValueError(f"{owner}: mode must be one of {AACE_MODES}, got {mode!r}.")
+    raise _checks.bad_argument(ValueError, owner, "mode", f"mode must be one of {AACE_MODES}, got {mode!r}.")
   if mode == "rand" and key is None:
-    raise ValueError(f"{owner}: mode='rand' draws the targets at random and needs key=.")
+    raise _checks.bad_argument(ValueError, owner, "key", "mode='rand' draws the targets at random and needs key=.")
 
   num_classes = logits.shape[-1]
   dtype = _compute_dtype(logits.dtype)

@@ -419,9 +419,12 @@ def _sharpness_aware(
     _checks.check_bool(owner, name, flag)
   perturb_every = 1 if perturb_every is None else perturb_every
   if isinstance(perturb_every, bool) or not isinstance(perturb_every, int) or perturb_every < 1:
-    raise ValueError(
-      f"{owner}: perturb_every must be a positive Python int (static; with optax.inject_hyperparams list it"
-      f" in static_args), got {perturb_every!r}."
+    raise _checks.bad_argument(
+      ValueError,
+      owner,
+      "perturb_every",
+      "perturb_every must be a positive Python int (static; with optax.inject_hyperparams list it in"
+      f" static_args), got {perturb_every!r}.",
     )
   for name, mask in (("perturb_mask", perturb_mask), ("adaptive_mask", adaptive_mask)):
     if mask is not None and not callable(mask):

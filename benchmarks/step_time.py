@@ -26,11 +26,12 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import timing  # noqa: E402 (a sibling module, importable once its folder is on the path)
 
 METHODS = (
   "sgd",
@@ -137,11 +138,7 @@ def build_step(args, method):
 
 
 def time_methods(args) -> dict:
-  """Median seconds per step of every method, timed round-robin in this process.
-
-  Interleaving the methods step by step makes slow drifts of the machine
-  (other load, clocks) fall on all of them alike.
-  """
+  """Median seconds per step of every method, timed round-robin in this process (`timing.round_robin`)."""
   import jax
   import numpy as np
 
@@ -156,15 +153,18 @@ def time_methods(args) -> dict:
       state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
     states[method] = state
-  times = {method: [] for method in args.methods}
-  for round_index in range(args.steps):
-    for method, (cycle, _, batch) in runs.items():
+
+  def one_step(method):
+    cycle, _, batch = runs[method]
+
+    def run(round_index):
       # A cycle's steps in order from its start: the warm-up took one or two.
-      step = cycle[(round_index + 2) % len(cycle)]
-      start = time.perf_counter()
-      states[method], metrics = step(states[method], batch)
+      states[method], metrics = cycle[(round_index + 2) % len(cycle)](states[method], batch)
       jax.block_until_ready((states[method], metrics))
-      times[method].append(time.perf_counter() - start)
+
+    return run
+
+  times = timing.round_robin({method: one_step(method) for method in args.methods}, args.steps)
   device = jax.devices()[0]
   return {
     "backend": jax.default_backend(),
@@ -199,26 +199,11 @@ def run_all(args) -> dict:
   peaks = {method: None for method in args.methods}
   if report.pop("memory_reported"):
     for method in args.methods:
-      command = [
-        sys.executable,
-        __file__,
-        "--method",
-        method,
-        "--model",
-        args.model,
-        "--batch",
-        str(args.batch),
-        "--dtype",
-        args.dtype,
-        "--image_size",
-        str(args.image_size),
-        "--num_classes",
-        str(args.num_classes),
-      ]
-      result = subprocess.run(command, capture_output=True, text=True)
-      if result.returncode != 0:
-        raise SystemExit(f"{method} failed:\n{result.stderr[-3000:]}")
-      peaks[method] = json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+      sizes = ["--model", args.model, "--batch", str(args.batch), "--dtype", args.dtype]
+      sizes += ["--image_size", str(args.image_size), "--num_classes", str(args.num_classes)]
+      peaks[method], stderr = timing.child_peak_bytes(__file__, ["--method", method, *sizes])
+      if peaks[method] is None:
+        raise SystemExit(f"{method} failed:\n{stderr[-3000:]}")
   return {
     "backend": report["backend"],
     "device": report["device"],

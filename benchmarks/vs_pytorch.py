@@ -31,12 +31,12 @@ import argparse
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import timing  # noqa: E402 (a sibling module, importable once its folder is on the path)
 
 METHODS = ("sgd", "sam", "aace_sam")
 TORCH_IMPLEMENTATIONS = ("torch_fp32", "torch_bf16", "torch_compile")
@@ -276,17 +276,6 @@ def build_all(args) -> tuple[dict, dict, dict]:
   return runs, flops, failures
 
 
-def time_round_robin(runs: dict, steps: int) -> dict:
-  times = {name: [] for name in runs}
-  for _ in range(steps):
-    for name, (one_step, wait) in runs.items():
-      start = time.perf_counter()
-      one_step()
-      wait()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
-
-
 def peak_memory(args, name: str) -> dict:
   """Peak device memory of a few steps of one configuration, alone in this process (bytes, or None)."""
   implementation, method = name.split(":")
@@ -312,28 +301,15 @@ def run(args) -> dict:
 
   has_torch, torch_note = torch_available()
   runs, flops, failures = build_all(args)
-  seconds = time_round_robin(runs, args.steps)
+  waited = {name: (lambda _, run=run: (run[0](), run[1]())) for name, run in runs.items()}
+  seconds = {name: statistics.median(t) for name, t in timing.round_robin(waited, args.steps).items()}
   device = jax.devices()[0]
   peaks = {name: None for name in runs}
   if device.memory_stats() is not None:
     for name in runs:
-      command = [
-        sys.executable,
-        __file__,
-        "--only",
-        name,
-        "--model",
-        args.model,
-        "--batch",
-        str(args.batch),
-        "--image_size",
-        str(args.image_size),
-        "--num_classes",
-        str(args.num_classes),
-      ]
-      result = subprocess.run(command, capture_output=True, text=True)
-      if result.returncode == 0:
-        peaks[name] = json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"]
+      sizes = ["--model", args.model, "--batch", str(args.batch)]
+      sizes += ["--image_size", str(args.image_size), "--num_classes", str(args.num_classes)]
+      peaks[name], _ = timing.child_peak_bytes(__file__, ["--only", name, *sizes])
   peak_table = PEAK_TFLOPS.get(device.device_kind, {})
   results = {}
   for name, s in seconds.items():

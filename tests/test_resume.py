@@ -31,6 +31,7 @@ from tests.helpers import small_config
 from tests.helpers import without_file_permission_override
 from train import checkpointing
 from train import config_checks
+from train import epoch_row
 from train import train
 
 # Runs train/main.py in this process after arranging to kill it at KILL_POINT, for epoch 1.
@@ -83,7 +84,7 @@ def assert_same_csv(workdir_a, workdir_b):
   rows_a, rows_b = read_csv(workdir_a), read_csv(workdir_b)
   assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b] == ["0", "1", "2"]
   for row_a, row_b in zip(rows_a, rows_b):
-    for column in checkpointing.HISTORY_COLUMNS:
+    for column in epoch_row.HISTORY_COLUMNS:
       assert row_a[column] == row_b[column], (row_a["epoch"], column)
 
 
@@ -153,7 +154,7 @@ def assert_same_history_rows(reference, workdir, epochs):
   rows, expected = read_csv(workdir), read_csv(reference)[: len(epochs)]
   assert [r["epoch"] for r in rows] == [r["epoch"] for r in expected] == [str(e) for e in epochs]
   for row, expected_row in zip(rows, expected):
-    for column in checkpointing.HISTORY_COLUMNS:
+    for column in epoch_row.HISTORY_COLUMNS:
       assert row[column] == expected_row[column], (row["epoch"], column)
 
 
@@ -302,7 +303,7 @@ def test_a_metrics_csv_edited_by_hand_does_not_block_the_resume(tmp_path, edit, 
   assert result["finished"]
   rows = read_csv(workdir)
   assert [r["epoch"] for r in rows] == ["0", "1"]
-  for column in checkpointing.HISTORY_COLUMNS:
+  for column in epoch_row.HISTORY_COLUMNS:
     assert float(rows[0][column]) == pytest.approx(float(original[0][column]), rel=1e-6, nan_ok=True), column
   assert (rows[0]["wall_time"] == original[0]["wall_time"]) == keeps_timing
   kept = list(workdir.glob("metrics.csv.unreadable-*"))

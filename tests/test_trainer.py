@@ -21,8 +21,8 @@ from tests.helpers import latest_checkpoint
 from tests.helpers import read_csv
 from tests.helpers import small_config
 from train import config_checks
+from train import epoch_row
 from train import optimizers
-from train import run_files
 from train import train
 
 
@@ -47,7 +47,7 @@ def test_digits_run_writes_every_output(tmp_path):
   assert result["finished"] and result["epoch"] == 1
   rows = read_csv(workdir)
   assert [int(r["epoch"]) for r in rows] == [0, 1]
-  assert tuple(rows[0]) == run_files.CSV_COLUMNS
+  assert tuple(rows[0]) == epoch_row.CSV_COLUMNS
   assert all(np.isfinite(float(v)) for row in rows for v in row.values())
   assert float(rows[1]["val_acc"]) == pytest.approx(result["val_acc"])
   assert float(rows[0]["avg_perturbation"]) > 0 and float(rows[0]["avg_grad_norm"]) > 0

@@ -23,11 +23,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 import aace_jax
-from train.run_files import CSV_COLUMNS
-
-# The CSV columns that a checkpoint holds: all but the timing, which differs between runs.
-TIMING_COLUMNS = ("images_per_sec", "wall_time")
-HISTORY_COLUMNS = tuple(column for column in CSV_COLUMNS if column not in TIMING_COLUMNS)
+from train.epoch_row import HISTORY_COLUMNS
+from train.epoch_row import TIMING_COLUMNS
 
 
 class CheckpointError(RuntimeError):

@@ -9,7 +9,6 @@ would build (`check_with_the_library`), so there is one source for each range.
 import json
 import math
 import os
-import re
 import traceback
 from typing import Optional
 
@@ -266,8 +265,7 @@ def check_with_the_library(config: ml_collections.ConfigDict) -> None:
     batch = {"image": jax.ShapeDtypeStruct((2, 2), jnp.float32), "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
     jax.eval_shape(step, jax.eval_shape(make_state), batch)
   except (TypeError, ValueError) as error:
-    argument = re.search(r": (\w+) must", str(error))
-    field = LIBRARY_ARGUMENTS.get(argument.group(1)) if argument else None
+    field = LIBRARY_ARGUMENTS.get(getattr(error, "argument", None))
     raise ConfigError(f"Bad config{' field ' + field if field else ''}: {error}") from None
 
 

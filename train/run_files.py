@@ -21,23 +21,7 @@ from typing import Callable
 from typing import Optional
 from typing import Union
 
-CSV_COLUMNS = (
-  "epoch",
-  "lr",
-  "avg_ce_loss",
-  "avg_aace_loss",
-  "avg_aace_ce",
-  "avg_grad_norm",
-  "avg_perturbation",
-  "avg_param_norm",
-  "train_loss",
-  "train_acc",
-  "val_loss",
-  "val_acc",
-  "skipped_steps",
-  "images_per_sec",
-  "wall_time",
-)
+from train import epoch_row
 
 
 class WorkdirBusy(RuntimeError):
@@ -215,7 +199,7 @@ class RunFiles:
         epoch = int(row["epoch"])
       except (TypeError, ValueError):
         break
-      rows.append({"epoch": epoch, **{column: _number(row.get(column)) for column in CSV_COLUMNS[1:]}})
+      rows.append({"epoch": epoch, **{column: _number(row.get(column)) for column in epoch_row.CSV_COLUMNS[1:]}})
     return rows
 
   def _set_aside(self, why: str) -> list[dict]:
@@ -249,7 +233,7 @@ class RunFiles:
   @staticmethod
   def _csv_text(rows: list[dict], header: bool = True) -> str:
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer = csv.DictWriter(text, fieldnames=epoch_row.CSV_COLUMNS)
     if header:
       writer.writeheader()
     writer.writerows({**row, "epoch": int(row["epoch"])} for row in rows)
@@ -276,12 +260,7 @@ class RunFiles:
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] + 1 for row in self.rows]
-    panels = {
-      "loss": ("loss", ("avg_ce_loss", "avg_aace_loss", "avg_aace_ce", "train_loss", "val_loss")),
-      "perturbation": ("norm", ("avg_grad_norm", "avg_perturbation")),
-      "accuracy": ("accuracy", ("train_acc", "val_acc")),
-    }
-    for name, (ylabel, columns) in panels.items():
+    for name, (ylabel, columns) in epoch_row.PLOT_PANELS.items():
       fig, ax = plt.subplots(figsize=(6, 4))
       try:
         for column in columns:

@@ -1,8 +1,7 @@
 """Training and evaluation loop: `train_and_evaluate(config, workdir)`.
 
 Reads top to bottom, as flax's examples/imagenet does: how a run stops, how
-batches reach the devices, the epoch's running totals and the device-side
-steps, the experiment (data, model, method, jitted steps), evaluation, the
+batches reach the devices, the device-side steps, the experiment (data, model, method, jitted steps), evaluation, the
 epoch's bookkeeping, then the loop and `train_and_evaluate`. The step is
 `aace_jax.make_train_step`, run over a data mesh of every device with
 `aace_jax.shard_step`, inside one jitted function that also augments and
@@ -11,7 +10,8 @@ epoch's totals: the host only gathers stored images and labels and transfers
 them a few steps ahead, or, with `data_on_device`, sends nothing at all.
 Elsewhere: config checks in `config_checks.py`, the method in
 `optimizers.py`, the compilation cache in `compilation_cache.py`, the
-workdir's files in `run_files.py`, checkpoints in `checkpointing.py`.
+workdir's files in `run_files.py`, checkpoints in `checkpointing.py`, the
+epoch's row of metrics.csv (columns, running totals, plots) in `epoch_row.py`.
 """
 
 import collections
@@ -40,6 +40,7 @@ from train import augment
 from train import checkpointing
 from train import compilation_cache
 from train import config_checks
+from train import epoch_row
 from train import idx
 from train import input_pipeline
 from train import models
@@ -162,53 +163,6 @@ def decoded_cache_dir(config) -> Optional[str]:
   return config.decoded_cache_dir or os.path.join(input_pipeline.resolve_data_dir(config.data_dir), "decoded")
 
 
-# The authors' metrics.csv columns (their train.py) and the step metric each holds, as the mean over the
-# epoch's applied steps. The names are theirs, kept so their plots and tables read our runs:
-CSV_FROM_METRICS = {
-  "avg_ce_loss": "loss",  # their criterion at w: our training loss (cross-entropy, with label smoothing)
-  "avg_aace_loss": "aace_kl",  # KL(q || p), which they log as "the AACE loss" for every method
-  "avg_aace_ce": "aace_ce",  # not theirs: the cross-entropy against q, what AACE-SAM differentiates
-  "avg_grad_norm": "perturbation_grad_norm",  # their grad_norm: of the gradient the perturbation is built from
-  "avg_perturbation": "perturbation_norm",  # their ew_norm: ||w_adv - w||
-  "avg_param_norm": "param_norm",  # not theirs: ||w||, the scale of avg_perturbation
-  "train_loss": "perturbed_loss",  # the loss of the pass whose gradient updates the weights (at w_adv)
-  "train_acc": "accuracy",  # of the first pass
-}
-# The step metrics that an epoch's row averages over its applied steps.
-SUMMED_METRICS = tuple(CSV_FROM_METRICS.values())
-
-
-def zero_totals() -> dict:
-  """An epoch's running totals: sums over its applied steps, step counts, the last learning rate,
-  and the number of consecutive skipped steps (which runs on across epochs)."""
-  return {
-    "sums": {name: np.float32(0) for name in SUMMED_METRICS},
-    "applied": np.int32(0),
-    "skipped": np.int32(0),
-    "learning_rate": np.float32(np.nan),
-    "skip_streak": np.int32(0),
-  }
-
-
-def add_step(totals: dict, metrics: dict) -> dict:
-  """The totals after one more step; runs inside the jitted step."""
-  applied = metrics["skipped_steps"] == 0
-  return {
-    "sums": {name: totals["sums"][name] + jnp.where(applied, metrics[name], 0.0) for name in SUMMED_METRICS},
-    "applied": totals["applied"] + applied.astype(jnp.int32),
-    "skipped": totals["skipped"] + (~applied).astype(jnp.int32),
-    "learning_rate": metrics["learning_rate"],
-    "skip_streak": jnp.where(applied, 0, totals["skip_streak"] + 1),
-  }
-
-
-@jax.jit
-def reset_epoch_totals(totals: dict) -> dict:
-  """Zero totals for a new epoch, keeping the skip streak."""
-  zeros = jax.tree.map(jnp.zeros_like, totals)
-  return {**zeros, "learning_rate": totals["learning_rate"] * jnp.nan, "skip_streak": totals["skip_streak"]}
-
-
 class DeviceSplit(NamedTuple):
   """The train split on the devices (replicated) and the current epoch's order of its records."""
 
@@ -245,7 +199,7 @@ def make_device_steps(train_step, eval_step, data: input_pipeline.Data, *, seed:
     )
     batch = {"image": jax.lax.with_sharding_constraint(images, batch_sharding), "label": labels}
     state, metrics = train_step(state, batch)
-    return state, add_step(totals, metrics), metrics
+    return state, epoch_row.add_step(totals, metrics), metrics
 
   def resident_step(state, totals, split: DeviceSplit):
     _, positions = epoch_and_positions(state.step)
@@ -419,7 +373,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
   state_shapes = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), jax.eval_shape(init, init_key, state_key)
   )
-  totals = aace_jax.replicate_on_mesh(zero_totals(), mesh)
+  totals = aace_jax.replicate_on_mesh(epoch_row.zero_totals(), mesh)
   return Experiment(
     data=data,
     model=model,
@@ -507,22 +461,10 @@ class EpochLog:
     self.bar.close()
 
   def row(self, totals: dict, val_loss: float, val_acc: float, wall_time: float) -> dict:
-    """The epoch's CSV row: means over its applied steps, the last learning rate (as the authors log it),
-    the evaluation and the throughput of its training steps."""
-    totals = jax.device_get(totals)
-    applied = int(totals["applied"])
-    mean = {name: float(value) / applied if applied else float("nan") for name, value in totals["sums"].items()}
-    return {
-      "epoch": self.epoch,
-      "lr": float(totals["learning_rate"]),
-      **{column: mean[metric] for column, metric in CSV_FROM_METRICS.items()},
-      "val_loss": val_loss,
-      "val_acc": val_acc,
-      "skipped_steps": float(totals["skipped"]),
-      # NaN for an epoch that a resumed run only evaluated (its end-of-epoch checkpoint lacked its row).
-      "images_per_sec": self.steps_run * self.config.batch_size / self.train_seconds if self.steps_run else np.nan,
-      "wall_time": wall_time,
-    }
+    """The epoch's CSV row (`epoch_row.row`), with the throughput of the steps this process ran."""
+    # NaN for an epoch that a resumed run only evaluated (its end-of-epoch checkpoint lacked its row).
+    images_per_sec = self.steps_run * self.config.batch_size / self.train_seconds if self.steps_run else np.nan
+    return epoch_row.row(self.epoch, totals, val_loss, val_acc, images_per_sec=images_per_sec, wall_time=wall_time)
 
   def report(self, row: dict) -> None:
     if self.show:
@@ -657,7 +599,7 @@ def train_loop(
         break
       first = max(start_step - epoch * steps_per_epoch, 0)
       if first == 0:  # else the checkpoint's totals hold the epoch's first steps
-        totals = reset_epoch_totals(totals)
+        totals = epoch_row.reset_epoch_totals(totals)
       log = EpochLog(epoch, first, config, steps_per_epoch, show=is_writer)
       for index, batch in enumerate(experiment.train_batches(epoch, first), start=first):
         state, totals, metrics = experiment.train_step_at(epoch * steps_per_epoch + index)(state, totals, batch)

@@ -1,0 +1,36 @@
+"""What the step benchmarks share: steps timed round-robin, and the peak memory of a run alone in a child process."""
+
+import json
+import subprocess
+import sys
+import time
+from typing import Callable
+from typing import Optional
+
+
+def round_robin(steps: dict[str, Callable[[int], None]], rounds: int) -> dict[str, list[float]]:
+  """Seconds of each of `rounds` calls of every ``steps[name](round_index)``, one call of each per round.
+
+  Each callable runs one step and waits for it. Interleaving them step by
+  step makes slow drifts of the machine (other load, clocks) fall on all of
+  them alike.
+  """
+  times = {name: [] for name in steps}
+  for round_index in range(rounds):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step(round_index)
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def child_peak_bytes(script: str, arguments: list[str]) -> tuple[Optional[int], str]:
+  """`(peak bytes or None, stderr)` of `python script arguments...`, whose last line is ``{"peak_bytes": ...}``.
+
+  A run alone in its own process: the peak is not mixed with the other
+  runs' memory. None when the child failed (its stderr says why).
+  """
+  result = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True)
+  if result.returncode != 0:
+    return None, result.stderr
+  return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"], result.stderr
