@@ -1,6 +1,7 @@
 """What several test modules share: small models and problems, hand-driven steps, trainer runs and checkpoints."""
 
 import csv
+import importlib.util
 import os
 import pathlib
 import shlex
@@ -18,6 +19,14 @@ import pytest
 
 import aace_jax
 from train.configs import default
+
+
+def load_script(path, name: str):
+  """The module of a script that is not a package's (an example, a benchmark), loaded from its path."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def without_keys(tree):

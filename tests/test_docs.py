@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from tests.helpers import load_script
 from train import input_pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -131,10 +132,7 @@ def test_shell_command(line):
       assert "--file_format=array_record" in words
     elif words[:2] == ["python", "examples/language_model.py"]:
       # Run in tests/test_language_model_example.py; its arguments are checked here.
-      spec = importlib.util.spec_from_file_location("language_model", REPO / words[1])
-      example = importlib.util.module_from_spec(spec)
-      spec.loader.exec_module(example)
-      example.parse_args(words[2:])
+      load_script(REPO / words[1], "language_model").parse_args(words[2:])
     elif command in NOT_RUN_HERE:
       not_run.append(command)
     elif words[0] == "python" and words[1] in (

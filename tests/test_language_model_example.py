@@ -1,6 +1,5 @@
 """examples/language_model.py: a causal transformer trained with AACE-SAM over tokens, sharded over 8 CPU devices."""
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -9,14 +8,13 @@ import sys
 
 import pytest
 
+from tests.helpers import load_script
+
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "language_model.py"
 
 
 def load_example():
-  spec = importlib.util.spec_from_file_location("language_model", EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script(EXAMPLE, "language_model")
 
 
 def test_the_loss_falls_with_the_state_sharded_over_8_devices():

@@ -5,7 +5,6 @@ the same algorithm. It needs torch (the `bench` extra) and is skipped
 without it; the script's run without torch is what CI checks.
 """
 
-import importlib.util
 import json
 import pathlib
 import subprocess
@@ -18,6 +17,7 @@ import optax
 import pytest
 
 import aace_jax
+from tests.helpers import load_script
 from tests.helpers import make_batch
 from tests.helpers import mlp_apply
 from tests.helpers import mlp_params
@@ -26,10 +26,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "vs_pytorc
 
 
 def load_benchmark():
-  spec = importlib.util.spec_from_file_location("vs_pytorch", SCRIPT)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_script(SCRIPT, "vs_pytorch")
 
 
 @pytest.mark.parametrize("method", ["sgd", "sam", "aace_sam"])
