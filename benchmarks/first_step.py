@@ -62,7 +62,7 @@ def one_process(args) -> dict:
   from train.configs import default
 
   config = default.get_config()
-  config.dataset, config.model, config.optimizer, config.dtype = args.dataset, args.model, args.optimizer, args.dtype
+  config.dataset, config.model, config.method, config.dtype = args.dataset, args.model, args.optimizer, args.dtype
   config.batch_size = config.eval_batch_size = args.batch
   config.compilation_cache_dir = args.cache_dir
   compilation_cache.enable(config)

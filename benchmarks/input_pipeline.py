@@ -81,7 +81,7 @@ def trainer_config(args):
 
   config = default.get_config()
   config.dataset = "cifar100"
-  config.model, config.optimizer, config.dtype = args.model, args.optimizer, args.dtype
+  config.model, config.method, config.dtype = args.model, args.optimizer, args.dtype
   config.batch_size = config.eval_batch_size = args.batch
   config.num_epochs = args.epochs
   config.log_every_steps = 50

@@ -269,8 +269,8 @@ def test_overwrite_starts_a_changed_config_over(tmp_path):
   workdir = str(tmp_path / "run")
   train.train_and_evaluate(small_config(num_epochs=1), workdir)
   with pytest.raises(config_checks.ConfigError, match="another config"):
-    train.train_and_evaluate(small_config(num_epochs=1, optimizer="sgd"), workdir)
-  result = train.train_and_evaluate(small_config(num_epochs=1, optimizer="sgd", overwrite=True), workdir)
+    train.train_and_evaluate(small_config(num_epochs=1, method="sgd"), workdir)
+  result = train.train_and_evaluate(small_config(num_epochs=1, method="sgd", overwrite=True), workdir)
   assert result["finished"]
   assert [int(r["epoch"]) for r in read_csv(workdir)] == [0]
   assert float(read_csv(workdir)[0]["avg_perturbation"]) == 0  # the SGD run's row, not the old one

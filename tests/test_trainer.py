@@ -22,7 +22,7 @@ from tests.helpers import read_csv
 from tests.helpers import small_config
 from train import config_checks
 from train import epoch_row
-from train import optimizers
+from train import methods
 from train import train
 
 
@@ -54,7 +54,7 @@ def test_digits_run_writes_every_output(tmp_path):
   # avg_aace_loss is KL(q || p) as the authors log it, avg_aace_ce the cross-entropy: larger by H(q) > 0.
   assert 0 < float(rows[0]["avg_aace_loss"]) < float(rows[0]["avg_aace_ce"])
   with open(os.path.join(workdir, "config.json")) as f:
-    assert json.load(f)["optimizer"] == "aace_sam"
+    assert json.load(f)["method"] == "aace_sam"
   scalars = read_events(workdir)
   assert [step for step, _ in scalars["val_acc"]] == [1, 2]
   assert scalars["val_acc"][-1][1] == pytest.approx(result["val_acc"], rel=1e-6)
@@ -99,7 +99,7 @@ def test_mock_cifar10_run(tmp_path):
     num_epochs=1,
     batch_size=16,
     eval_batch_size=16,
-    optimizer="sam",
+    method="sam",
     decoded_cache_dir=str(tmp_path / "decoded"),
   )
   with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -110,19 +110,19 @@ def test_mock_cifar10_run(tmp_path):
   assert len(list((tmp_path / "decoded").glob("cifar10-*.npz"))) == 2
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "sam", "asam"])
-def test_every_optimizer_trains(tmp_path, optimizer):
-  result = train.train_and_evaluate(small_config(optimizer=optimizer, num_epochs=1), str(tmp_path / optimizer))
+@pytest.mark.parametrize("method", ["sgd", "sam", "asam"])
+def test_every_method_trains(tmp_path, method):
+  result = train.train_and_evaluate(small_config(method=method, num_epochs=1), str(tmp_path / method))
   assert result["finished"] and result["val_acc"] > 0.3
-  rows = read_csv(str(tmp_path / optimizer))
-  if optimizer == "sgd":
+  rows = read_csv(str(tmp_path / method))
+  if method == "sgd":
     assert float(rows[0]["avg_perturbation"]) == 0
 
 
 def test_learning_rate_schedule_is_the_authors():
   # 10 epochs of 7 steps: x0.2 from epoch 3, 6 and 8, taking effect one step late.
   config = small_config(num_epochs=10)
-  schedule = optimizers.learning_rate_schedule(config, steps_per_epoch=7)
+  schedule = methods.learning_rate_schedule(config, steps_per_epoch=7)
   expected = {0: 0.1, 21: 0.1, 22: 0.02, 42: 0.02, 43: 0.004, 56: 0.004, 57: 0.0008, 69: 0.0008}
   for step, lr in expected.items():
     assert float(schedule(step)) == pytest.approx(lr), step
@@ -131,7 +131,7 @@ def test_learning_rate_schedule_is_the_authors():
 @pytest.mark.parametrize(
   "overrides, message",
   [
-    (dict(optimizer="adam"), "optimizer 'adam' is not one of"),
+    (dict(method="adam"), "method 'adam' is not one of"),
     (dict(dataset="imagenet"), "dataset 'imagenet' is not one of"),
     (dict(model="resnet"), "model 'resnet' is not one of"),
     # The method's arguments are checked by the library, with its messages and ranges.
@@ -141,7 +141,7 @@ def test_learning_rate_schedule_is_the_authors():
     (dict(label_smoothing=-0.1), r"field label_smoothing: cross_entropy: label_smoothing must lie in"),
     (dict(perturb_every=0), r"field perturb_every: aace_sam: perturb_every must be a positive Python int.*got 0"),
     (dict(perturbation_batch_fraction=0.0), r"perturbation_batch_fraction must lie in \(0, 1\], got 0.0"),
-    (dict(optimizer="sgd", perturb_every=2), "perturb_every and perturbation_batch_fraction apply to a sharpness"),
+    (dict(method="sgd", perturb_every=2), "perturb_every and perturbation_batch_fraction apply to a sharpness"),
     (dict(perturbation_batch_fraction=0.5, grad_accum_steps=64), "perturbation_batch_fraction=0.5 of the per-device"),
     (dict(sync_perturbation=False, perturb_every=2), "would keep a different perturbation on each device"),
   ],
@@ -180,7 +180,7 @@ def run_main(*args, timeout=300):
 @pytest.mark.parametrize(
   "args, message",
   [
-    (["--config.optimizer=adam"], "error: Bad config: optimizer 'adam' is not one of"),
+    (["--config.method=adam"], "error: Bad config: method 'adam' is not one of"),
     (["--config.rho=-1"], "error: Bad config field rho: aace_sam: rho must lie in [0.0, inf], got -1.0"),
     (["--config.dataset=svhn"], "error: Bad config: dataset 'svhn' is not one of"),
     (["--config.no_such_field=1"], "no_such_field"),
@@ -447,3 +447,21 @@ def test_gradient_accumulation_in_the_trainer_gives_the_same_run(tmp_path):
     assert_same_checkpoint(str(tmp_path / "bn_whole"), str(tmp_path / "bn_accumulated"), rtol=1e-3)
   with pytest.raises(config_checks.ConfigError, match="does not split into grad_accum_steps=3"):
     train.train_and_evaluate(small_config(grad_accum_steps=3), str(tmp_path / "bad"))
+
+
+def test_the_old_name_optimizer_is_taken_as_method_with_a_warning():
+  config = small_config()
+  config.optimizer = "sam"
+  with pytest.warns(
+    FutureWarning, match=r"config.optimizer is deprecated .* now config.method \(--config.method=sam\)"
+  ):
+    config_checks.check_fields(config)
+  assert config.method == "sam" and config.optimizer is None
+  result = subprocess.run(
+    [sys.executable, str(REPO / "train" / "main.py"), "--config.optimizer=sgd", "--dry_run"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "method: sgd" in result.stdout and "config.optimizer is deprecated" in result.stderr

@@ -39,7 +39,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from train import checkpointing  # noqa: E402
 from train import config_checks  # noqa: E402
-from train import optimizers  # noqa: E402
+from train import methods  # noqa: E402
 from train import run_files  # noqa: E402
 from train import train  # noqa: E402
 from train import variants  # noqa: E402
@@ -154,7 +154,7 @@ def main(argv):
         walls = [row["wall_time"] for row in rows]
         # After the first epoch, which includes compilation.
         result["seconds_per_epoch"] = (walls[-1] - walls[0]) / (len(walls) - 1) if len(walls) > 1 else walls[0]
-        result["rho"] = optimizers.DEFAULT_RHO[config.optimizer] if config.rho is None else config.rho
+        result["rho"] = methods.DEFAULT_RHO[config.method] if config.rho is None else config.rho
         results.setdefault(dataset, {}).setdefault(method, []).append(result)
         curves.setdefault(dataset, {}).setdefault(method, []).append([row["val_acc"] for row in rows])
         configs[dataset] = config

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import traceback
+import warnings
 from typing import Optional
 
 import jax
@@ -19,8 +20,8 @@ import ml_collections
 import aace_jax
 from train import augment
 from train import input_pipeline
+from train import methods
 from train import models
-from train import optimizers
 
 
 class ConfigError(ValueError):
@@ -52,8 +53,21 @@ def config_file_error(error: BaseException, path: str) -> str:
 
 
 def check_fields(config: ml_collections.ConfigDict) -> None:
-  """Raises `ConfigError` naming the fields of `train/configs/default.py` that `config` lacks."""
+  """Raises `ConfigError` naming the fields of `train/configs/default.py` that `config` lacks.
+
+  A deprecated field is taken into its new one, with a warning:
+  `config.optimizer` (the old name of `config.method`) becomes `method`.
+  """
   from train.configs import default
+
+  if config.get("optimizer") is not None:
+    warnings.warn(
+      f"config.optimizer is deprecated and will be removed: it is now config.method (--config.method="
+      f"{config.optimizer}); taking method={config.optimizer!r}.",
+      FutureWarning,
+      stacklevel=2,
+    )
+    config.method, config.optimizer = config.optimizer, None
 
   missing = sorted(set(default.get_config()) - set(config))
   if missing:
@@ -113,8 +127,8 @@ def _what_runs(config: ml_collections.ConfigDict) -> list:
       for field in INT32_FIELDS
     ),
     (
-      config.optimizer in optimizers.OPTIMIZERS,
-      f"optimizer {config.optimizer!r} is not one of {optimizers.OPTIMIZERS}",
+      config.method in methods.METHODS,
+      f"method {config.method!r} is not one of {methods.METHODS}",
     ),
     (
       config.dataset in input_pipeline.DATASETS,
@@ -164,8 +178,8 @@ def _how_it_trains(config: ml_collections.ConfigDict) -> list:
       " perturbation on each device; use sync_perturbation=True or reuse_perturbation=False",
     ),
     (
-      config.optimizer != "sgd" or (config.perturb_every == 1 and config.perturbation_batch_fraction == 1),
-      "perturb_every and perturbation_batch_fraction apply to a sharpness-aware optimizer, not sgd; got"
+      config.method != "sgd" or (config.perturb_every == 1 and config.perturbation_batch_fraction == 1),
+      "perturb_every and perturbation_batch_fraction apply to a sharpness-aware method, not sgd; got"
       f" {config.perturb_every} and {config.perturbation_batch_fraction}",
     ),
     (
@@ -251,7 +265,7 @@ def check_with_the_library(config: ml_collections.ConfigDict) -> None:
   argument check of the transformation and the losses runs at trace time.
   """
   try:
-    method = optimizers.create_training_method(config, steps_per_epoch=1)
+    method = methods.create_training_method(config, steps_per_epoch=1)
     # A two-class linear model's step, traced as the run's step is: the library calls each loss as it will.
     apply_fn = lambda params, model_state, images, *, train, rng: (images @ params, model_state)
     step = aace_jax.make_train_step(

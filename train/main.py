@@ -79,9 +79,7 @@ def main(argv):
       num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id,
     )
-  workdir = FLAGS.workdir or os.path.join(
-    "runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.optimizer}"
-  )
+  workdir = FLAGS.workdir or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.dataset}-{config.method}")
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
   cache_dir = compilation_cache.enable(config)
   logging.info("compilation cache: %s", cache_dir)
@@ -108,7 +106,7 @@ def main(argv):
   else:
     state = "finished" if result["finished"] else f"halted after epoch {int(result['epoch']) + 1}, rerun to resume"
     print(
-      f"{state}: test accuracy {result['val_acc']:.4f} ({config.optimizer} on {config.dataset},"
+      f"{state}: test accuracy {result['val_acc']:.4f} ({config.method} on {config.dataset},"
       f" {config.model}) in {time.time() - start:.1f} s; {where}"
     )
 

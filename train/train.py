@@ -9,7 +9,7 @@ normalizes the batch (`train/augment.py`) and adds the step's metrics to the
 epoch's totals: the host only gathers stored images and labels and transfers
 them a few steps ahead, or, with `data_on_device`, sends nothing at all.
 Elsewhere: config checks in `config_checks.py`, the method in
-`optimizers.py`, the compilation cache in `compilation_cache.py`, the
+`methods.py`, the compilation cache in `compilation_cache.py`, the
 workdir's files in `run_files.py`, checkpoints in `checkpointing.py`, the
 epoch's row of metrics.csv (columns, running totals, plots) in `epoch_row.py`.
 """
@@ -43,8 +43,8 @@ from train import config_checks
 from train import epoch_row
 from train import idx
 from train import input_pipeline
+from train import methods
 from train import models
-from train import optimizers
 from train import run_files
 
 
@@ -225,7 +225,7 @@ class Experiment(NamedTuple):
   Attributes:
     data: the dataset, opened.
     model: the Flax model.
-    method: the training method (`optimizers.TrainingMethod`: the
+    method: the training method (`methods.TrainingMethod`: the
       transformation and its losses).
     mesh: the devices, one ``data`` axis.
     state_shapes: the train state's shapes, dtypes and (replicated) shardings,
@@ -248,7 +248,7 @@ class Experiment(NamedTuple):
 
   data: input_pipeline.Data
   model: Any
-  method: optimizers.TrainingMethod
+  method: methods.TrainingMethod
   mesh: jax.sharding.Mesh
   state_shapes: aace_jax.TrainState
   init_state: Callable[[], aace_jax.TrainState]
@@ -316,7 +316,7 @@ def open_data(config: ml_collections.ConfigDict) -> input_pipeline.Data:
   )
 
 
-def state_initializer(model, method: optimizers.TrainingMethod, image_shape: tuple) -> Callable:
+def state_initializer(model, method: methods.TrainingMethod, image_shape: tuple) -> Callable:
   """`(init_key, state_key) -> TrainState`: the model's variables and the optimizer's state, in one program.
 
   Both keys are arguments, so one compiled program serves every seed.
@@ -338,7 +338,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
       f"Bad config: data_on_device needs the splits in memory, but {config.dataset!r} is larger than"
       f" max_in_memory_gb={config.max_in_memory_gb}."
     )
-  method = optimizers.create_training_method(config, data.steps_per_epoch)
+  method = methods.create_training_method(config, data.steps_per_epoch)
   model = models.create_model(config.model, data.spec.num_classes, models.DTYPES[config.dtype])
   apply_fn = aace_jax.linen_apply_fn(model)
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -364,7 +364,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
     host_fed_step, resident_step, normalized_eval_step = steps
     return (resident_step if config.data_on_device else host_fed_step), normalized_eval_step
 
-  cycle = config.perturb_every if config.optimizer != "sgd" else 1
+  cycle = config.perturb_every if config.method != "sgd" else 1
   train_step, normalized_eval_step = device_steps(True if cycle > 1 else None)
   between_step = device_steps(False)[0] if cycle > 1 else None
   inputs = device_resident_inputs(data, mesh) if config.data_on_device else host_fed_inputs(data, batch_sharding)
@@ -646,7 +646,7 @@ def train_loop(
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, data: Optional[input_pipeline.Data] = None
 ) -> dict[str, Any]:
-  """Trains `config.model` on `config.dataset` with `config.optimizer` and evaluates each epoch.
+  """Trains `config.model` on `config.dataset` with `config.method` and evaluates each epoch.
 
   Resumes from the newest usable checkpoint in `workdir/checkpoints`, and
   rebuilds metrics.csv from it. Stops early, resumably, after

@@ -3,14 +3,14 @@
 import ast
 
 from train import config_checks
-from train import optimizers
+from train import methods
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
   """`"aace_sam:normalize=True:rho=0.05"` -> `("aace_sam", {"normalize": True, "rho": 0.05})`."""
   method, *changes = spec.split(":")
-  if method not in optimizers.OPTIMIZERS:
-    raise config_checks.ConfigError(f"Bad --methods entry {spec!r}: {method!r} is not one of {optimizers.OPTIMIZERS}.")
+  if method not in methods.METHODS:
+    raise config_checks.ConfigError(f"Bad --methods entry {spec!r}: {method!r} is not one of {methods.METHODS}.")
   fields = {}
   for change in changes:
     field, equals, text = change.partition("=")
@@ -28,7 +28,7 @@ def method_config(base, spec: str):
   method, fields = parse_method(spec)
   config = base.copy_and_resolve_references()
   config.unlock()
-  config.optimizer = method
+  config.method = method
   for field, value in fields.items():
     if field not in config:
       raise config_checks.ConfigError(f"Bad --methods entry {spec!r}: the config has no field {field!r}.")

@@ -3,7 +3,7 @@
 Runs in about a minute on 2 CPU cores, with no download:
 
   python train/main.py
-  python train/main.py --config train/configs/default.py --config.optimizer=sgd
+  python train/main.py --config train/configs/default.py --config.method=sgd
 
 Every field below exists in every config; the paper's configs import this one
 and change only what differs.
@@ -37,7 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = "float32"  # computation dtype; parameters stay float32
 
   # Method.
-  config.optimizer = "aace_sam"  # sgd | sam | aace_sam | asam
+  config.method = "aace_sam"  # sgd | sam | aace_sam | asam
+  config.optimizer = config_dict.placeholder(str)  # deprecated: the old name of `method`, taken with a warning
   config.rho = config_dict.placeholder(float)  # None: 0.2 aace_sam, 0.05 sam, 0.5 asam
   config.normalize = config_dict.placeholder(bool)  # None: False for aace_sam, True for sam/asam
   config.max_perturbation_norm = config_dict.placeholder(float)  # None: unbounded (the paper); c: ||w_adv - w|| <= c

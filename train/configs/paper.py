@@ -41,7 +41,7 @@ def get_config(run: str = "wrn28_10,cifar100,aace_sam"):
   config = default.get_config()
   config.model, config.batch_size = MODELS[model]
   config.dataset = dataset
-  config.optimizer = method
+  config.method = method
   for field, value in METHODS[method].items():
     config[field] = value
   return config

@@ -1,7 +1,7 @@
 """The method of a run: its optax transformation, its two losses and what every run logs of AACE.
 
 `create_training_method(config, steps_per_epoch)` is the one place that turns
-the config's optimizer fields into library objects, so the library's own
+the config's method fields into library objects, so the library's own
 argument checks (rho, the AACE mode and threshold, label smoothing) are the
 only ones: `config_checks.check_config` builds the method to run them.
 """
@@ -16,7 +16,7 @@ import optax
 
 import aace_jax
 
-OPTIMIZERS = ("sgd", "sam", "aace_sam", "asam")
+METHODS = ("sgd", "sam", "aace_sam", "asam")
 DEFAULT_RHO = {"aace_sam": 0.2, "sam": 0.05, "asam": 0.5, "sgd": 0.0}
 
 
@@ -35,7 +35,7 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
 
 
 class TrainingMethod(NamedTuple):
-  """What `aace_jax.make_train_step` needs to train with one of `OPTIMIZERS`.
+  """What `aace_jax.make_train_step` needs to train with one of `METHODS`.
 
   Attributes:
     tx: the optax transformation: the base SGD (weight decay, momentum, the
@@ -58,14 +58,14 @@ class TrainingMethod(NamedTuple):
 
 
 def create_training_method(config: ml_collections.ConfigDict, steps_per_epoch: int) -> TrainingMethod:
-  """The `TrainingMethod` of `config.optimizer`; the library checks every argument it is given."""
+  """The `TrainingMethod` of `config.method`; the library checks every argument it is given."""
   base = optax.chain(
     optax.add_decayed_weights(config.weight_decay),
     optax.inject_hyperparams(optax.sgd)(
       learning_rate=learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum
     ),
   )
-  rho = DEFAULT_RHO[config.optimizer] if config.rho is None else config.rho
+  rho = DEFAULT_RHO[config.method] if config.rho is None else config.rho
   targets = {"threshold": config.aace_threshold, "mode": config.aace_mode}
   aace = functools.partial(aace_jax.aace_cross_entropy, **targets)
   aace_metrics = {"aace_kl": functools.partial(aace_jax.aace_kl_divergence, **targets), "aace_ce": aace}
@@ -77,9 +77,9 @@ def create_training_method(config: ml_collections.ConfigDict, steps_per_epoch: i
   }
   if config.normalize is not None:
     perturbation["normalize"] = config.normalize
-  if config.optimizer == "sgd":
+  if config.method == "sgd":
     return TrainingMethod(base, aace, loss, aace_metrics)
-  if config.optimizer == "aace_sam":
+  if config.method == "aace_sam":
     return TrainingMethod(aace_jax.aace_sam(base, rho, **perturbation), aace, loss, aace_metrics)
-  adaptive = config.optimizer == "asam"
+  adaptive = config.method == "asam"
   return TrainingMethod(aace_jax.sam(base, rho, adaptive=adaptive, **perturbation), loss, loss, aace_metrics)
