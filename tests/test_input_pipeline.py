@@ -150,9 +150,7 @@ def test_bad_in_memory_arrays_are_named():
   images = np.zeros((10, 4, 4, 1), np.float32)
   labels = np.arange(10, dtype=np.int32)
   labels[7] = 12
-  with pytest.raises(
-    ip.RecordError, match=r"eval labels\[7\] = 12 is outside \[0, 10\) \(1 of 10 labels out of range\)"
-  ):
+  with pytest.raises(ip.RecordError, match=r"eval record 7 has label 12, outside \[0, 10\) \(1 such record\)"):
     ip.check_arrays(SPEC, images, labels, "eval")
   images[[2, 5]] = np.inf
   with pytest.raises(ip.RecordError, match=r"train record 2 has non-finite pixel values \(2 such records\)"):
@@ -254,7 +252,7 @@ def digits_train_with(change):
   [
     (lambda images, labels: images.__setitem__((17, 3, 3), np.nan), "train record 17 has non-finite pixel values"),
     (lambda images, labels: images.__setitem__((40, 2, 2), 3e19), r"train record 40 has pixel values in \[0, 3e\+19\]"),
-    (lambda images, labels: labels.__setitem__(5, 10), r"train labels\[5\] = 10 is outside \[0, 10\)"),
+    (lambda images, labels: labels.__setitem__(5, 10), r"train record 5 has label 10, outside \[0, 10\)"),
   ],
   ids=["non-finite pixel", "huge pixel", "label out of range"],
 )

@@ -35,7 +35,6 @@ from typing import Union
 import grain
 import numpy as np
 
-import aace_jax
 from train import idx
 from train import run_files
 
@@ -220,29 +219,53 @@ def prepare_record(spec: DatasetSpec, source, split: str, index: int) -> tuple[n
   """Record `index` as it will be stored: checked, resized where the dataset asks; not augmented.
 
   Raises `RecordError` naming the record if it cannot be read, its image has
-  the wrong shape or dtype or a non-finite pixel, or its label is out of range.
+  the wrong shape, or it fails `check_values`.
   """
   image, label = read_record(source, split, index)
-  if not 0 <= label < spec.num_classes:
-    raise RecordError(f"{split} record {index} has label {label}, outside [0, {spec.num_classes}).")
   if image.ndim == 2:
     image = image[..., None]
   if spec.resize_to_square and image.ndim == 3:
     image = pad_and_resize(image, spec.image_shape[:2])
   if image.shape != spec.image_shape:
     raise RecordError(f"{split} record {index} has an image of shape {image.shape}, expected {spec.image_shape}.")
-  if image.dtype != np.uint8:
-    if not np.issubdtype(image.dtype, np.floating):
-      raise RecordError(f"{split} record {index} has an image of dtype {image.dtype}; expected uint8 or float.")
-    image = image.astype(np.float32)
-    if not np.all(np.isfinite(image)):
-      raise RecordError(f"{split} record {index} has non-finite pixel values.")
-    if image.min() < 0 or image.max() > 1:
-      raise RecordError(
-        f"{split} record {index} has pixel values in [{image.min():g}, {image.max():g}]; float images must lie in"
-        " [0, 1]."
-      )
-  return image, label
+  return check_values(spec, image[None], np.array([label]), split, first_index=index)[0], label
+
+
+def check_values(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, split: str, *, first_index: int = 0):
+  """`images` (float ones as float32) once every label is in range and every float pixel finite and in [0, 1].
+
+  Raises `RecordError` naming the first bad record, numbered from
+  `first_index`, and how many there are.
+  """
+  count = lambda bad: f"{len(bad)} such record{'s' if len(bad) > 1 else ''}"
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise RecordError(f"{split} labels have dtype {labels.dtype}; expected integers.")
+  outside = (labels < 0) | (labels >= spec.num_classes)
+  if outside.any():
+    bad = np.flatnonzero(outside)
+    raise RecordError(
+      f"{split} record {first_index + bad[0]} has label {labels[bad[0]]}, outside [0, {spec.num_classes})"
+      f" ({count(bad)})."
+    )
+  if images.dtype == np.uint8:
+    return images
+  if not np.issubdtype(images.dtype, np.floating):
+    raise RecordError(f"{split} images have dtype {images.dtype}; expected uint8 or float.")
+  images = images.astype(np.float32, copy=False)
+  flat = images.reshape(len(images), int(np.prod(images.shape[1:])))
+  finite = np.isfinite(flat).all(axis=1)
+  if not finite.all():
+    bad = np.flatnonzero(~finite)
+    raise RecordError(f"{split} record {first_index + bad[0]} has non-finite pixel values ({count(bad)}).")
+  # Float images are read as [0, 1] (uint8 / 255): a value outside is a bad record, not a statistic.
+  outside = (flat < 0).any(axis=1) | (flat > 1).any(axis=1)
+  if outside.any():
+    bad = np.flatnonzero(outside)
+    raise RecordError(
+      f"{split} record {first_index + bad[0]} has pixel values in [{flat[bad[0]].min():g}, {flat[bad[0]].max():g}];"
+      f" float images must lie in [0, 1] ({count(bad)})."
+    )
+  return images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,7 +299,7 @@ class StreamedSplit:
 
 
 def check_arrays(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, split: str) -> Split:
-  """An in-memory split, checked as a whole: shape, dtype, labels in range, finite pixels.
+  """An in-memory split, checked as a whole: its shape, then `check_values`.
 
   Raises `RecordError` naming the first bad record.
   """
@@ -288,27 +311,7 @@ def check_arrays(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, spli
       f"{split} images have shape {images.shape} for {len(labels)} labels, expected"
       f" ({len(labels)}, {', '.join(map(str, spec.image_shape))})."
     )
-  try:  # the library's check, the one the losses rely on
-    aace_jax.check_labels(labels, spec.num_classes)
-  except (TypeError, ValueError) as error:
-    raise RecordError(f"{split} {error}") from None
-  if images.dtype != np.uint8:
-    if not np.issubdtype(images.dtype, np.floating):
-      raise RecordError(f"{split} images have dtype {images.dtype}; expected uint8 or float.")
-    images = images.astype(np.float32, copy=False)
-    flat = images.reshape(len(images), int(np.prod(images.shape[1:])))
-    finite = np.isfinite(flat).all(axis=1)
-    if not finite.all():
-      bad = np.flatnonzero(~finite)
-      raise RecordError(f"{split} record {bad[0]} has non-finite pixel values ({len(bad)} such records).")
-    # Float images are read as [0, 1] (uint8 / 255): a value outside is a bad record, not a statistic.
-    outside = (flat < 0).any(axis=1) | (flat > 1).any(axis=1)
-    if outside.any():
-      bad = np.flatnonzero(outside)
-      raise RecordError(
-        f"{split} record {bad[0]} has pixel values in [{flat[bad[0]].min():g}, {flat[bad[0]].max():g}];"
-        f" float images must lie in [0, 1] ({len(bad)} such records)."
-      )
+  images = check_values(spec, images, labels, split)
   return Split(np.ascontiguousarray(images), labels.astype(np.int32))
 
 
