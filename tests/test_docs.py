@@ -150,3 +150,15 @@ def test_shell_command(line):
       pytest.fail(f"documented command not exercised by any test: {command}")
   if not_run:
     pytest.skip(f"the rest of the line checked; not run here (they need the network or a TPU): {not_run}")
+
+
+def test_every_test_the_documents_cite_exists():
+  """A guarantee's row names the tests that prove it: each named test and test file must exist."""
+  defined = set()
+  for path in (REPO / "tests").rglob("*.py"):
+    defined |= set(re.findall(r"^\s*def (test_\w+)", path.read_text(), flags=re.MULTILINE))
+  texts = {**DOCUMENTS, "benchmarks/RESULTS.md": (REPO / "benchmarks" / "RESULTS.md").read_text()}
+  cited = {(name, test) for name, text in texts.items() for test in re.findall(r"`(test_\w+)`", text)}
+  assert cited and not [(name, test) for name, test in cited if test not in defined]
+  files = {(name, file) for name, text in texts.items() for file in re.findall(r"tests/([\w/]+\.py)", text)}
+  assert not [(name, file) for name, file in files if not (REPO / "tests" / file).exists()]
