@@ -141,7 +141,7 @@ def nnx_sharpness_aware_grads(
   was *before* that pass, with the parameters the optimizer hands it
   (:math:`w_{adv}`): the same dropout mask as the first pass, and the copy's
   BatchNorm updates are discarded. It returns ``(loss, gradient)``, so the
-  loss at :math:`w_{adv}` lands in :attr:`SAMState.perturbed_loss` with no
+  loss at :math:`w_{adv}` lands in :attr:`SAMState.loss_at_w_adv` with no
   third pass.
 
   Call it before anything else touches the model in the step.

@@ -39,16 +39,16 @@ class SAMState(NamedTuple):
 
   Attributes:
     inner_state: the state of the wrapped optimizer.
-    perturbation_grad_norm: the global L2 norm of the perturbation-loss
+    first_pass_grad_norm: the global L2 norm of the perturbation-loss
       gradient ``g`` (after averaging over ``batch_axis_name``), or of
       ``T * g`` when ``adaptive=True``, as the authors log ``grad_norm``.
     perturbation_norm: the global L2 norm of the perturbation
       ``w_adv - w`` actually applied, the authors' ``ew_norm`` (measured after
       ``w_adv`` is rounded to the parameters' dtype, so a perturbation that
       bfloat16 parameters cannot hold shows as 0).
-    perturbed_loss: the training loss at ``w_adv`` when ``grad_fn`` returns
+    loss_at_w_adv: the training loss at ``w_adv`` when ``grad_fn`` returns
       it (``jax.value_and_grad``), NaN when it returns gradients alone.
-    perturbed_grad_norm: the global L2 norm of ``grad_fn``'s gradient at
+    grad_norm_at_w_adv: the global L2 norm of ``grad_fn``'s gradient at
       ``w_adv`` (after averaging over ``batch_axis_name``), the gradient the
       inner optimizer receives.
     steps_since_perturbation: with ``perturb_every=k > 1``, an int32 in
@@ -56,15 +56,15 @@ class SAMState(NamedTuple):
       ``()`` (no leaf) when every update perturbs.
     kept_perturbation: with ``perturb_every > 1`` and reuse, the last
       perturbation ``w_adv - w`` computed, shaped like the parameters; ``()``
-      otherwise. On the updates between, ``perturbation_grad_norm`` keeps the
+      otherwise. On the updates between, ``first_pass_grad_norm`` keeps the
       value of the update that computed it.
   """
 
   inner_state: optax.OptState
-  perturbation_grad_norm: jax.Array
+  first_pass_grad_norm: jax.Array
   perturbation_norm: jax.Array
-  perturbed_loss: jax.Array
-  perturbed_grad_norm: jax.Array
+  loss_at_w_adv: jax.Array
+  grad_norm_at_w_adv: jax.Array
   steps_since_perturbation: Any = ()
   kept_perturbation: Any = ()
 
@@ -283,10 +283,10 @@ def _init(settings: _Settings, params: optax.Params) -> SAMState:
   zero = lambda: jnp.zeros([], jnp.float32)
   return SAMState(
     inner_state=settings.inner.init(params),
-    perturbation_grad_norm=zero(),
+    first_pass_grad_norm=zero(),
     perturbation_norm=zero(),
-    perturbed_loss=zero(),
-    perturbed_grad_norm=zero(),
+    loss_at_w_adv=zero(),
+    grad_norm_at_w_adv=zero(),
     steps_since_perturbation=jnp.zeros([], jnp.int32) if settings.perturb_every > 1 else (),
     kept_perturbation=jax.tree.map(jnp.zeros_like, params) if settings.keeps else (),
   )
@@ -332,7 +332,7 @@ def _between_perturbations(settings: _Settings, state: SAMState, params, mask):
     perturbed_params = jax.tree.map(
       lambda w, e, m: (w + e).astype(w.dtype) if m else w, params, state.kept_perturbation, mask
     )
-  return perturbed_params, state.perturbation_grad_norm, state.kept_perturbation
+  return perturbed_params, state.first_pass_grad_norm, state.kept_perturbation
 
 
 def _update(
@@ -374,18 +374,16 @@ def _update(
     )
     steps_since_perturbation = (count + 1) % settings.perturb_every
   perturbation_norm = global_norm(jax.tree.map(lambda w_adv, w: upcast(w_adv) - upcast(w), perturbed_params, params))
-  perturbed_loss, perturbed_grads = _call_grad_fn(owner, grad_fn, perturbed_params)
+  loss_at_w_adv, perturbed_grads = _call_grad_fn(owner, grad_fn, perturbed_params)
   if settings.batch_axis_name is not None:
-    perturbed_loss, perturbed_grads = jax.lax.pmean(
-      (perturbed_loss, perturbed_grads), axis_name=settings.batch_axis_name
-    )
+    loss_at_w_adv, perturbed_grads = jax.lax.pmean((loss_at_w_adv, perturbed_grads), axis_name=settings.batch_axis_name)
   updates, inner_state = settings.inner.update(perturbed_grads, state.inner_state, params, **extra_args)
   return updates, SAMState(
     inner_state=inner_state,
-    perturbation_grad_norm=grad_norm,
+    first_pass_grad_norm=grad_norm,
     perturbation_norm=perturbation_norm.astype(jnp.float32),
-    perturbed_loss=perturbed_loss,
-    perturbed_grad_norm=global_norm(perturbed_grads).astype(jnp.float32),
+    loss_at_w_adv=loss_at_w_adv,
+    grad_norm_at_w_adv=global_norm(perturbed_grads).astype(jnp.float32),
     steps_since_perturbation=steps_since_perturbation,
     kept_perturbation=kept_perturbation,
   )
@@ -510,7 +508,7 @@ def aace_sam(
   is called once, at :math:`w_{adv}`, and returns the training-loss gradient
   shaped like ``params``, or ``(loss, gradient)`` as ``jax.value_and_grad``
   returns it (``has_aux`` too; the loss is kept in
-  :attr:`SAMState.perturbed_loss`, the aux dropped), or ``(gradient, aux)``
+  :attr:`SAMState.loss_at_w_adv`, the aux dropped), or ``(gradient, aux)``
   as ``jax.grad(..., has_aux=True)`` does. Any other tree is an error. The
   other extra arguments go to ``optimizer``. ``grad_fn`` must evaluate the
   same function of the weights as the pass that produced ``updates``: the

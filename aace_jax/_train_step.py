@@ -95,13 +95,14 @@ class TrainState(NamedTuple):
     )
 
 
+# The names of make_train_step's metrics, each described in its docstring (Returns).
 STEP_METRICS = (
   "loss",
   "accuracy",
-  "perturbation_loss",
-  "perturbed_loss",
+  "first_pass_loss",
+  "loss_at_w_adv",
   "grad_norm",
-  "perturbation_grad_norm",
+  "first_pass_grad_norm",
   "perturbation_norm",
   "param_norm",
   "skipped_steps",
@@ -492,10 +493,10 @@ def _sharpness_aware_update(settings: _StepSettings, state: TrainState, batch, f
   sam_state = sam_states[0] if sam_states else None
   missing = jnp.full([], jnp.nan, jnp.float32)
   metrics = {
-    "perturbation_loss": first.value,
-    "perturbed_loss": sam_state.perturbed_loss if sam_state else missing,
-    "grad_norm": sam_state.perturbed_grad_norm if sam_state else missing,
-    "perturbation_grad_norm": sam_state.perturbation_grad_norm if sam_state else missing,
+    "first_pass_loss": first.value,
+    "loss_at_w_adv": sam_state.loss_at_w_adv if sam_state else missing,
+    "grad_norm": sam_state.grad_norm_at_w_adv if sam_state else missing,
+    "first_pass_grad_norm": sam_state.first_pass_grad_norm if sam_state else missing,
     "perturbation_norm": sam_state.perturbation_norm if sam_state else missing,
     **_observed_metrics(settings, first.outputs, loss_rng),
   }
@@ -506,7 +507,7 @@ def _sharpness_aware_update(settings: _StepSettings, state: TrainState, batch, f
     (only,) = second_passes
     only_metrics = {
       **_observed_metrics(settings, only.outputs, loss_rng),
-      "perturbation_loss": _perturbation_objective(settings, only.outputs, loss_rng),
+      "first_pass_loss": _perturbation_objective(settings, only.outputs, loss_rng),
     }
     if due is False:
       metrics.update(only_metrics)
@@ -524,10 +525,10 @@ def _plain_update(settings: _StepSettings, state: TrainState, batch, forward, lo
   only = _run_pass(settings, state.params, batch, forward, settings.loss, over_devices=True)
   updates, opt_state = settings.tx.update(only.grads, state.opt_state, state.params)
   metrics = {
-    "perturbation_loss": _perturbation_objective(settings, only.outputs, loss_rng),
-    "perturbed_loss": only.value,
+    "first_pass_loss": _perturbation_objective(settings, only.outputs, loss_rng),
+    "loss_at_w_adv": only.value,
     "grad_norm": global_norm(only.grads),
-    "perturbation_grad_norm": jnp.zeros([]),
+    "first_pass_grad_norm": jnp.zeros([]),
     "perturbation_norm": jnp.zeros([]),
     **_observed_metrics(settings, only.outputs, loss_rng),
   }
@@ -659,7 +660,7 @@ def make_train_step(
   others, which take one pass, at :math:`w + e` with the kept perturbation
   (or at :math:`w`, ``reuse_perturbation=False``). That pass is then the
   only one, so the BatchNorm statistics and the metrics ``loss``,
-  ``accuracy`` and ``perturbation_loss`` come from it; the running
+  ``accuracy`` and ``first_pass_loss`` come from it; the running
   statistics would otherwise be updated only every k-th step.
   ``perturbation_batch_fraction=f`` computes the perturbation gradient from
   the first ``round(f * b)`` examples of each (per-device) batch of ``b``
@@ -731,10 +732,11 @@ def make_train_step(
       "Cheaper steps" for which pass and examples when there is no first
       pass or it takes part of the batch);
     - ``accuracy``: of the same logits;
-    - ``perturbation_loss``: ``perturbation_loss`` at :math:`w`;
-    - ``perturbed_loss``: ``loss`` at :math:`w_{adv}`, the pass whose
+    - ``first_pass_loss``: ``perturbation_loss`` at :math:`w`, the loss the
+      perturbation is built from;
+    - ``loss_at_w_adv``: ``loss`` at :math:`w_{adv}`, the pass whose
       gradient updates the weights (equal to ``loss`` for a plain optimizer);
-    - ``perturbation_grad_norm``: the norm of the gradient the perturbation
+    - ``first_pass_grad_norm``: the norm of the gradient the perturbation
       is built from (between perturbations, the kept perturbation's);
       ``perturbation_norm``: :math:`\|w_{adv} - w\|` applied (both 0 for a
       plain optimizer; the latter 0 on plain steps between perturbations);
@@ -756,7 +758,7 @@ def make_train_step(
     >>> step = jax.jit(aace_jax.make_train_step(apply_fn, tx))
     >>> for _ in range(20):
     ...   state, metrics = step(state, batch)
-    >>> print(int(state.step), float(metrics["accuracy"]), bool(metrics["perturbed_loss"] < 0.5))
+    >>> print(int(state.step), float(metrics["accuracy"]), bool(metrics["loss_at_w_adv"] < 0.5))
     20 1.0 True
 
   References:

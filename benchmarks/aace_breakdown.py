@@ -30,7 +30,7 @@ from ml_collections import config_flags  # noqa: E402
 from train import variants  # noqa: E402
 
 DEFAULT_METHODS = ["aace_sam:model=mnist_cnn", "aace_sam", "aace_sam:model=mnist_cnn:normalize=True:rho=0.05"]
-RECORDED = ("loss", "perturbed_loss", "accuracy", "perturbation_norm", "param_norm")
+RECORDED = ("loss", "loss_at_w_adv", "accuracy", "perturbation_norm", "param_norm")
 CONFIG = str(pathlib.Path(__file__).resolve().parents[1] / "train" / "configs" / "fashion_mnist.py") + ":memorize"
 
 FLAGS = flags.FLAGS
@@ -63,7 +63,7 @@ def trace(config, epochs: int) -> dict:
 
 def first_breakdown(steps: dict, ratio: float = 0.9):
   """The first step whose loss at w_adv is below `ratio` x the loss at w, or None."""
-  below = np.asarray(steps["perturbed_loss"]) < ratio * np.asarray(steps["loss"])
+  below = np.asarray(steps["loss_at_w_adv"]) < ratio * np.asarray(steps["loss"])
   return int(np.argmax(below)) if below.any() else None
 
 
@@ -72,14 +72,14 @@ def describe(spec: str, record: dict) -> str:
   first = first_breakdown(steps)
   final = {name: np.mean(values[-per_epoch:]) for name, values in steps.items()}
   last_epoch = (
-    f"last epoch: loss at w {final['loss']:.3f}, at w_adv {final['perturbed_loss']:.3f},"
+    f"last epoch: loss at w {final['loss']:.3f}, at w_adv {final['loss_at_w_adv']:.3f},"
     f" ||e||/||w|| {final['perturbation_norm'] / final['param_norm']:.4f}"
   )
   if first is None:
     return f"{spec}: no step with the loss at w_adv below 0.9 x the loss at w; {last_epoch}"
   at = {name: values[first] for name, values in steps.items()}
   return (
-    f"{spec}: from step {first} (epoch {first // per_epoch + 1}) the loss at w_adv ({at['perturbed_loss']:.3f}) is"
+    f"{spec}: from step {first} (epoch {first // per_epoch + 1}) the loss at w_adv ({at['loss_at_w_adv']:.3f}) is"
     f" below 0.9 x the loss at w ({at['loss']:.3f}); then exp(-loss) {np.exp(-at['loss']):.3f}, accuracy"
     f" {at['accuracy']:.3f}, ||e|| {at['perturbation_norm']:.3f}, ||w|| {at['param_norm']:.2f}; {last_epoch}"
   )
@@ -96,7 +96,7 @@ def plot(records: dict, path: str) -> None:
     steps = record["steps"]
     line = top.plot(np.asarray(steps["perturbation_norm"]) / np.asarray(steps["param_norm"]), label=spec)[0]
     bottom.plot(steps["loss"], color=line.get_color(), label=f"{spec}, at w")
-    bottom.plot(steps["perturbed_loss"], color=line.get_color(), linestyle=":", label="at w_adv")
+    bottom.plot(steps["loss_at_w_adv"], color=line.get_color(), linestyle=":", label="at w_adv")
   top.set_ylabel("||w_adv - w|| / ||w||")
   top.set_yscale("log")
   bottom.set_ylabel("training loss (: at w_adv)")

@@ -44,5 +44,5 @@ for _ in range(3):
   state, metrics = step(state, batch)
 params = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
 if process_id == 0:
-  np.savez(out, loss=np.asarray(metrics["perturbed_loss"].addressable_data(0)), **params)
+  np.savez(out, loss=np.asarray(metrics["loss_at_w_adv"].addressable_data(0)), **params)
 print(f"process {process_id}: done")

@@ -38,7 +38,7 @@ def test_breakdown_trace_finds_the_step_where_w_adv_fits_better_than_w(tmp_path)
 
   steps = {
     "loss": [2.0, 1.5, 1.2, 1.4],
-    "perturbed_loss": [2.1, 1.6, 1.0, 0.9],  # below 0.9 x the loss at w from step 2 (1.0 < 1.08)
+    "loss_at_w_adv": [2.1, 1.6, 1.0, 0.9],  # below 0.9 x the loss at w from step 2 (1.0 < 1.08)
     "accuracy": [0.1, 0.3, 0.5, 0.4],
     "perturbation_norm": [0.1, 0.2, 0.4, 0.5],
     "param_norm": [20.0, 20.0, 20.0, 20.0],
@@ -49,7 +49,7 @@ def test_breakdown_trace_finds_the_step_where_w_adv_fits_better_than_w(tmp_path)
     "aace_sam: from step 2 (epoch 2) the loss at w_adv (1.000) is below 0.9 x the loss at w (1.200)"
   )
   assert f"exp(-loss) {np.exp(-1.2):.3f}" in line and "||e||/||w|| 0.0225" in line
-  assert aace_breakdown.first_breakdown({**steps, "perturbed_loss": steps["loss"]}) is None
+  assert aace_breakdown.first_breakdown({**steps, "loss_at_w_adv": steps["loss"]}) is None
 
   result = subprocess.run(
     [
@@ -70,7 +70,7 @@ def test_breakdown_trace_finds_the_step_where_w_adv_fits_better_than_w(tmp_path)
   assert lines[0].startswith("sgd: no step with the loss at w_adv below") and lines[1].startswith("aace_sam:rho=20.0: ")
   trace = json.loads((tmp_path / "trace.json").read_text())
   assert len(trace["sgd"]["steps"]["loss"]) == trace["sgd"]["steps_per_epoch"] == 1438 // 128
-  assert trace["sgd"]["steps"]["loss"] == trace["sgd"]["steps"]["perturbed_loss"]
+  assert trace["sgd"]["steps"]["loss"] == trace["sgd"]["steps"]["loss_at_w_adv"]
   assert (tmp_path / "trace.png").read_bytes()[:4] == b"\x89PNG"
 
 

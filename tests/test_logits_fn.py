@@ -68,7 +68,7 @@ def test_metrics_are_weighted_means_of_the_first_pass():
   params = token_params()
   np.testing.assert_allclose(metrics["loss"], weighted_mean_loss(params, batch, aace_jax.cross_entropy), rtol=1e-6)
   np.testing.assert_allclose(
-    metrics["perturbation_loss"], weighted_mean_loss(params, batch, aace_jax.aace_cross_entropy), rtol=1e-6
+    metrics["first_pass_loss"], weighted_mean_loss(params, batch, aace_jax.aace_cross_entropy), rtol=1e-6
   )
   correct = lambda logits, targets: (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
   np.testing.assert_allclose(metrics["accuracy"], weighted_mean_loss(params, batch, correct), rtol=1e-6)

@@ -129,7 +129,7 @@ def test_nnx_optimizer_route_equals_the_pure_step():
   np.testing.assert_allclose(model.dense.kernel[...], state.params["dense"]["kernel"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(model.norm.var[...], state.model_state["norm"]["var"], rtol=1e-5, atol=1e-6)
   # The loss at w_adv came out of grad_fn, with no third pass.
-  np.testing.assert_allclose(float(optimizer.opt_state.perturbed_loss[...]), metrics[-1]["perturbed_loss"], rtol=1e-5)
+  np.testing.assert_allclose(float(optimizer.opt_state.loss_at_w_adv[...]), metrics[-1]["loss_at_w_adv"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("route", ["pure_step", "nnx_optimizer"])
@@ -144,7 +144,7 @@ def test_both_passes_use_the_same_dropout_mask(route):
     _, metrics = run_pure_step(
       aace_jax.nnx_apply_fn(graphdef), params, model_state, tx, 2, batch, perturbation_loss=aace_jax.cross_entropy
     )
-    first, second = [(float(m["perturbation_grad_norm"]), float(m["grad_norm"]), float(m["loss"])) for m in metrics]
+    first, second = [(float(m["first_pass_grad_norm"]), float(m["grad_norm"]), float(m["loss"])) for m in metrics]
   else:
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     loss = lambda m: aace_jax.cross_entropy(m(batch["image"]), batch["label"]).mean()
@@ -158,9 +158,9 @@ def test_both_passes_use_the_same_dropout_mask(route):
       train_step(model, optimizer)
       sam_state = optimizer.opt_state
       return (
-        float(sam_state.perturbation_grad_norm[...]),
-        float(sam_state.perturbed_grad_norm[...]),
-        float(sam_state.perturbed_loss[...]),
+        float(sam_state.first_pass_grad_norm[...]),
+        float(sam_state.grad_norm_at_w_adv[...]),
+        float(sam_state.loss_at_w_adv[...]),
       )
 
     first, second = norms(), norms()

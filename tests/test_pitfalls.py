@@ -85,14 +85,14 @@ def test_a_nonfinite_value_the_guard_does_not_take_changes_nothing(method):
   # The logged fields of SAMState are overwritten by every update: poison them.
   sam_state = clean.opt_state
   poisoned = clean._replace(
-    opt_state=sam_state._replace(perturbed_loss=jnp.float32(jnp.nan), perturbation_norm=jnp.float32(jnp.inf))
+    opt_state=sam_state._replace(loss_at_w_adv=jnp.float32(jnp.nan), perturbation_norm=jnp.float32(jnp.inf))
   )
   batch = make_batch()
   expected, _ = run_one_step(tx, clean, batch, perturbation_loss=perturbation_loss)
   got, metrics = run_one_step(tx, poisoned, batch, perturbation_loss=perturbation_loss)
   assert metrics["skipped_steps"] == 0
   chex.assert_trees_all_equal(without_keys(got), without_keys(expected))
-  assert np.isfinite(got.opt_state.perturbed_loss)
+  assert np.isfinite(got.opt_state.loss_at_w_adv)
 
 
 @pytest.mark.parametrize("host", [False, True])

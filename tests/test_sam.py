@@ -95,7 +95,7 @@ class AuthorsUpdateTest(chex.TestCase):
       assert got[k].dtype == np.float64
       np.testing.assert_allclose(got[k], expected[k], rtol=1e-12, atol=1e-12, err_msg=k)
     # The state's logged norms are those of the last step (stored as float32).
-    np.testing.assert_allclose(state.perturbation_grad_norm, grad_norm, rtol=1e-6)
+    np.testing.assert_allclose(state.first_pass_grad_norm, grad_norm, rtol=1e-6)
     np.testing.assert_allclose(state.perturbation_norm, perturbation_norm, rtol=1e-6)
 
 
@@ -173,7 +173,7 @@ def test_zero_gradient_gives_zero_perturbation(make, eps):
   updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params, grad_fn=grad_fn)
   np.testing.assert_array_equal(seen[0]["a"], params["a"])
   np.testing.assert_array_equal(seen[0]["b"], params["b"])
-  assert state.perturbation_norm == 0 and state.perturbation_grad_norm == 0
+  assert state.perturbation_norm == 0 and state.first_pass_grad_norm == 0
   np.testing.assert_array_equal(updates["a"], -np.ones(3))
 
 
@@ -213,7 +213,7 @@ def test_asam_perturbs_leaves_that_start_at_zero(make):
   _, state = tx.update(g, tx.init(params), params, grad_fn=grad_fn)
   for k in expected:
     np.testing.assert_allclose(seen[0][k], expected[k], rtol=1e-6, err_msg=k)
-  np.testing.assert_allclose(state.perturbation_grad_norm, t_g_norm, rtol=1e-6)
+  np.testing.assert_allclose(state.first_pass_grad_norm, t_g_norm, rtol=1e-6)
   assert np.all(seen[0]["bias"] != 0) and seen[0]["kernel"][0] != 0
   # T = |w| everywhere (eta = 0, every leaf scaled): the leaves at zero stay there.
   seen.clear()
@@ -241,7 +241,7 @@ def test_dtypes_are_preserved(dtype, normalize):
   assert jax.tree.map(lambda v: v.dtype, updates) == {"w": dtype, "b": dtype}
   assert state.perturbation_norm.dtype == jnp.float32
   # ||T g|| = sqrt(4 * 0.51**2 + 0.01**2) * 1e-3 (T = |w| + 0.01): no overflow or underflow.
-  np.testing.assert_allclose(state.perturbation_grad_norm, 1.02e-3, rtol=1e-2)
+  np.testing.assert_allclose(state.first_pass_grad_norm, 1.02e-3, rtol=1e-2)
   assert np.isfinite(np.asarray(state.perturbation_norm))
 
 
@@ -282,7 +282,7 @@ def test_perturb_mask_leaves_unmasked_parameters_at_w(as_function):
   assert float(seen[0]["b"]) == 2.0
   np.testing.assert_allclose(updates["w"], -a * (np.array([3.0, -4.0]) + e_w), rtol=1e-6)
   np.testing.assert_allclose(updates["b"], -c * 2.0, rtol=1e-6)
-  np.testing.assert_allclose(state.perturbation_grad_norm, 10.0, rtol=1e-6)  # |g_w|, b left out
+  np.testing.assert_allclose(state.first_pass_grad_norm, 10.0, rtol=1e-6)  # |g_w|, b left out
   np.testing.assert_allclose(state.perturbation_norm, rho, rtol=1e-6)
 
 
@@ -318,11 +318,11 @@ def test_grad_fn_may_return_the_loss_without_a_third_pass(form):
   updates, state = jax.jit(lambda g, s, p: tx.update(g, s, p, grad_fn=grad_fn))(a * w, tx.init(w), w)
   w_adv = np.array([1.0, -1.0]) - 0.2 * np.array([1.0, -3.0])  # w - rho * a w
   np.testing.assert_allclose(updates, -0.1 * np.array([1.0, 3.0]) * w_adv, rtol=1e-6)
-  np.testing.assert_allclose(state.perturbed_grad_norm, np.linalg.norm(np.array([1.0, 3.0]) * w_adv), rtol=1e-6)
+  np.testing.assert_allclose(state.grad_norm_at_w_adv, np.linalg.norm(np.array([1.0, 3.0]) * w_adv), rtol=1e-6)
   if form.startswith("value_and_grad"):
-    np.testing.assert_allclose(state.perturbed_loss, 0.5 * np.sum(np.array([1.0, 3.0]) * w_adv**2), rtol=1e-6)
+    np.testing.assert_allclose(state.loss_at_w_adv, 0.5 * np.sum(np.array([1.0, 3.0]) * w_adv**2), rtol=1e-6)
   else:
-    assert np.isnan(state.perturbed_loss)
+    assert np.isnan(state.loss_at_w_adv)
 
 
 @pytest.mark.parametrize(

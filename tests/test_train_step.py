@@ -55,10 +55,10 @@ def test_metrics_are_the_quantities_they_name():
   g2 = jax.grad(mean_loss)(w_adv, aace_jax.cross_entropy)
   expected = {
     "loss": mean_loss(params, aace_jax.cross_entropy),
-    "perturbation_loss": mean_loss(params, aace_jax.aace_cross_entropy),
-    "perturbed_loss": mean_loss(w_adv, aace_jax.cross_entropy),
+    "first_pass_loss": mean_loss(params, aace_jax.aace_cross_entropy),
+    "loss_at_w_adv": mean_loss(w_adv, aace_jax.cross_entropy),
     "accuracy": np.mean(np.argmax(logits, -1) == batch["label"]),
-    "perturbation_grad_norm": g_norm,
+    "first_pass_grad_norm": g_norm,
     "perturbation_norm": rho * g_norm,
     "grad_norm": np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(g2))),
     "param_norm": np.sqrt(sum(np.sum(np.square(v)) for v in jax.tree.leaves(params))),  # w before the update
@@ -67,7 +67,7 @@ def test_metrics_are_the_quantities_they_name():
   assert set(expected) == set(metrics)
   for k, v in expected.items():
     np.testing.assert_allclose(metrics[k], v, rtol=1e-5, err_msg=k)
-  assert metrics["perturbed_loss"] > metrics["loss"]  # the perturbation is adversarial
+  assert metrics["loss_at_w_adv"] > metrics["loss"]  # the perturbation is adversarial
 
 
 def test_plain_optimizer_is_one_pass_sgd_and_reports_learning_rate():
@@ -235,7 +235,7 @@ def test_gradient_accumulation_equals_the_big_batch(method):
   (big, big_metrics), (accumulated, accumulated_metrics) = results
   for key in big.params:
     np.testing.assert_allclose(accumulated.params[key], big.params[key], rtol=1e-5, atol=1e-6)
-  for name in ("loss", "perturbed_loss", "perturbation_norm", "grad_norm", "accuracy"):
+  for name in ("loss", "loss_at_w_adv", "perturbation_norm", "grad_norm", "accuracy"):
     np.testing.assert_allclose(accumulated_metrics[name], big_metrics[name], rtol=1e-5, err_msg=name)
   with pytest.raises(ValueError, match="a batch of 32 examples does not split into grad_accum_steps=3"):
     jax.jit(aace_jax.make_train_step(mlp_apply, tx, grad_accum_steps=3))(
@@ -269,7 +269,7 @@ def test_nonfinite_gradient_at_w_adv_alone_is_skipped():
   tx = aace_jax.aace_sam(optax.sgd(0.1), 0.2)
   state = aace_jax.TrainState.create(params=params, tx=tx, rng=jax.random.key(0))
   skipped, metrics = jax.jit(aace_jax.make_train_step(apply_fn, tx))(state, make_batch())
-  assert np.isfinite(metrics["perturbation_grad_norm"]) and np.isnan(metrics["grad_norm"])
+  assert np.isfinite(metrics["first_pass_grad_norm"]) and np.isnan(metrics["grad_norm"])
   assert metrics["skipped_steps"] == 1
   np.testing.assert_array_equal(skipped.params["w1"], w1)
 

@@ -32,10 +32,10 @@ CSV_FROM_METRICS = {
   "avg_ce_loss": "loss",  # their criterion at w: our training loss (cross-entropy, with label smoothing)
   "avg_aace_loss": "aace_kl",  # KL(q || p), which they log as "the AACE loss" for every method
   "avg_aace_ce": "aace_ce",  # not theirs: the cross-entropy against q, what AACE-SAM differentiates
-  "avg_grad_norm": "perturbation_grad_norm",  # their grad_norm: of the gradient the perturbation is built from
+  "avg_grad_norm": "first_pass_grad_norm",  # their grad_norm: of the gradient the perturbation is built from
   "avg_perturbation": "perturbation_norm",  # their ew_norm: ||w_adv - w||
   "avg_param_norm": "param_norm",  # not theirs: ||w||, the scale of avg_perturbation
-  "train_loss": "perturbed_loss",  # the loss of the pass whose gradient updates the weights (at w_adv)
+  "train_loss": "loss_at_w_adv",  # the loss of the pass whose gradient updates the weights (at w_adv)
   "train_acc": "accuracy",  # of the first pass
 }
 # The step metrics that an epoch's row averages over its applied steps.

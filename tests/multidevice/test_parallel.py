@@ -91,7 +91,7 @@ def test_synchronized_perturbation_equals_one_big_batch(method):
     for _ in range(3):
       by_hand, opt_state = hand_step(tx, by_hand, opt_state, batch, perturbation_loss)
     chex.assert_trees_all_close(single.params, by_hand, **CLOSE)
-  for name in ("loss", "perturbed_loss", "accuracy", "grad_norm", "perturbation_norm"):
+  for name in ("loss", "loss_at_w_adv", "accuracy", "grad_norm", "perturbation_norm"):
     np.testing.assert_allclose(pmap_metrics[name][0], single_metrics[name], rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(shard_metrics[name], single_metrics[name], rtol=1e-5, err_msg=name)
   assert np.abs(single.params["w1"] - params["w1"]).max() > 1e-3
