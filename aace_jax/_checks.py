@@ -67,3 +67,9 @@ def check_fraction(owner: str, name: str, value) -> None:
   """Raises `ValueError` unless `value` is a Python number in (0, 1]."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= 1:
     raise bad_argument(ValueError, owner, name, f"{name} must be a number in (0, 1], got {value!r}.")
+
+
+def check_optional_str(owner: str, name: str, value) -> None:
+  """Raises `TypeError` unless `value` is a str or None."""
+  if value is not None and not isinstance(value, str):
+    raise bad_argument(TypeError, owner, name, f"{name} must be a str or None, got {value!r}.")

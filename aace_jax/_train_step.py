@@ -774,8 +774,7 @@ def make_train_step(
   _checks.check_bool("make_train_step", "new_perturbation", new_perturbation, allow_none=True)
   _checks.check_positive_int("make_train_step", "grad_accum_steps", grad_accum_steps)
   _checks.check_fraction("make_train_step", "perturbation_batch_fraction", perturbation_batch_fraction)
-  if axis_name is not None and not isinstance(axis_name, str):
-    raise TypeError(f"make_train_step: axis_name must be a str or None, got {axis_name!r}.")
+  _checks.check_optional_str("make_train_step", "axis_name", axis_name)
   extra_metrics = dict(extra_metrics or {})
   if set(STEP_METRICS) & set(extra_metrics):
     raise ValueError(

@@ -94,11 +94,15 @@ INT32_MAX = 2**31 - 1
 SEED_RANGE = (0, 2**63 - 1)
 
 
-def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] = -1) -> None:
+def check_config(
+  config: ml_collections.ConfigDict, device_count: Optional[int] = -1, *, with_the_library: bool = True
+) -> None:
   """Raises `ConfigError` naming the first bad field and its value.
 
   Batch sizes are checked against `device_count` (default: this machine's
   devices; None skips that check, for a command checked on another machine).
+  `with_the_library=False` leaves the method's arguments to a caller that
+  builds the run's method anyway and checks it (`check_with_the_library`).
   """
   check_fields(config)
   if device_count == -1:
@@ -109,7 +113,8 @@ def check_config(config: ml_collections.ConfigDict, device_count: Optional[int] 
   for ok, message in checks:
     if not ok:
       raise ConfigError(f"Bad config: {message}.")
-  check_with_the_library(config)
+  if with_the_library:
+    check_with_the_library(config)
 
 
 def _what_runs(config: ml_collections.ConfigDict) -> list:
@@ -258,14 +263,14 @@ LIBRARY_ARGUMENTS = {
 }
 
 
-def check_with_the_library(config: ml_collections.ConfigDict) -> None:
-  """Builds the run's transformation and traces a step with it abstractly: the library's checks are the only ones.
+def check_with_the_library(config: ml_collections.ConfigDict, method: Optional[methods.TrainingMethod] = None) -> None:
+  """Traces a step with the run's method (`method`, or one built here): the library's checks are the only ones.
 
   `jax.eval_shape` traces without compiling or running anything, and every
   argument check of the transformation and the losses runs at trace time.
   """
   try:
-    method = methods.create_training_method(config, steps_per_epoch=1)
+    method = methods.create_training_method(config, steps_per_epoch=1) if method is None else method
     # A two-class linear model's step, traced as the run's step is: the library calls each loss as it will.
     apply_fn = lambda params, model_state, images, *, train, rng: (images @ params, model_state)
     step = aace_jax.make_train_step(

@@ -75,7 +75,7 @@ def load_authors_weights(config, state_dict: dict, workdir=None, data=None) -> d
   Returns:
     ``{"val_loss", "val_acc"}`` on the config's evaluation split.
   """
-  config_checks.check_config(config)
+  config_checks.check_config(config, with_the_library=False)  # create_experiment checks the method it builds
   experiment = train.create_experiment(config, data)
   architecture, blocks = architecture_of(experiment.model)
   state = experiment.init_state()  # for the optimizer's state layout and the run's key

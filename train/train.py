@@ -339,6 +339,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
       f" max_in_memory_gb={config.max_in_memory_gb}."
     )
   method = methods.create_training_method(config, data.steps_per_epoch)
+  config_checks.check_with_the_library(config, method)
   model = models.create_model(config.model, data.spec.num_classes, models.DTYPES[config.dtype])
   apply_fn = aace_jax.linen_apply_fn(model)
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -664,7 +665,7 @@ def train_and_evaluate(
     `step` and `first_step_seconds`.
   """
   invocation_start = time.time()
-  config_checks.check_config(config)
+  config_checks.check_config(config, with_the_library=False)  # create_experiment checks the method it builds
   if not config.overwrite:
     config_checks.check_resumable(config, workdir)
   is_writer = jax.process_index() == 0
