@@ -44,7 +44,7 @@ CONTEND = textwrap.dedent("""
     print(type(error).__name__, error)
   else:
     print("held", flush=True)
-    time.sleep(0.3)  # held while the others try
+    time.sleep(1.5)  # held while the others try (a loaded machine may start one late)
     lock.release()
 """).format(repo=str(REPO))
 

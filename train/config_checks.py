@@ -3,7 +3,7 @@
 The trainer's own fields (sizes, epochs, the schedule, paths) are checked
 here; the method's arguments (rho, normalize, the AACE mode and threshold,
 label smoothing) are checked by the library itself, on the objects the run
-would build (`check_with_the_library`), so there is one source for each range.
+would build (`checked_method`), so there is one source for each range.
 """
 
 import json
@@ -102,7 +102,7 @@ def check_config(
   Batch sizes are checked against `device_count` (default: this machine's
   devices; None skips that check, for a command checked on another machine).
   `with_the_library=False` leaves the method's arguments to a caller that
-  builds the run's method anyway and checks it (`check_with_the_library`).
+  builds the run's method anyway, with `checked_method`.
   """
   check_fields(config)
   if device_count == -1:
@@ -114,7 +114,7 @@ def check_config(
     if not ok:
       raise ConfigError(f"Bad config: {message}.")
   if with_the_library:
-    check_with_the_library(config)
+    checked_method(config)
 
 
 def _what_runs(config: ml_collections.ConfigDict) -> list:
@@ -263,14 +263,15 @@ LIBRARY_ARGUMENTS = {
 }
 
 
-def check_with_the_library(config: ml_collections.ConfigDict, method: Optional[methods.TrainingMethod] = None) -> None:
-  """Traces a step with the run's method (`method`, or one built here): the library's checks are the only ones.
+def checked_method(config: ml_collections.ConfigDict, steps_per_epoch: int = 1) -> methods.TrainingMethod:
+  """The run's method, built and traced in a step abstractly: the library's checks are the only ones.
 
   `jax.eval_shape` traces without compiling or running anything, and every
-  argument check of the transformation and the losses runs at trace time.
+  argument check of the transformation and the losses runs at trace time;
+  a bad argument is a `ConfigError` naming the config field.
   """
   try:
-    method = methods.create_training_method(config, steps_per_epoch=1) if method is None else method
+    method = methods.create_training_method(config, steps_per_epoch)
     # A two-class linear model's step, traced as the run's step is: the library calls each loss as it will.
     apply_fn = lambda params, model_state, images, *, train, rng: (images @ params, model_state)
     step = aace_jax.make_train_step(
@@ -286,6 +287,7 @@ def check_with_the_library(config: ml_collections.ConfigDict, method: Optional[m
   except (TypeError, ValueError) as error:
     field = LIBRARY_ARGUMENTS.get(getattr(error, "argument", None))
     raise ConfigError(f"Bad config{' field ' + field if field else ''}: {error}") from None
+  return method
 
 
 # Fields that may change between an interrupted run and its resumption: they

@@ -338,8 +338,7 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
       f"Bad config: data_on_device needs the splits in memory, but {config.dataset!r} is larger than"
       f" max_in_memory_gb={config.max_in_memory_gb}."
     )
-  method = methods.create_training_method(config, data.steps_per_epoch)
-  config_checks.check_with_the_library(config, method)
+  method = config_checks.checked_method(config, data.steps_per_epoch)
   model = models.create_model(config.model, data.spec.num_classes, models.DTYPES[config.dtype])
   apply_fn = aace_jax.linen_apply_fn(model)
   mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
