@@ -233,7 +233,7 @@ def fsdp_sharding(tree, mesh: Mesh, axis: str = "data", *, min_size: int = 2**14
 
   def layout(x):
     shape = tuple(jnp.shape(x))
-    if _is_key(x) or jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key) or not shape:
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key) or not shape:
       return NamedSharding(mesh, P())
     if int(np.prod(shape)) < min_size:
       return NamedSharding(mesh, P())

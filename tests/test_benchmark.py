@@ -98,3 +98,45 @@ def test_norm_forms_reports_each_form_and_the_forms_differ_as_documented():
 def test_norm_forms_bad_arguments_are_rejected():
   result = subprocess.run([sys.executable, str(NORMS_SCRIPT), "--forms", "flat"], capture_output=True, text=True)
   assert result.returncode == 2 and "--forms must name forms of" in result.stderr
+
+
+ALIGNMENT_SCRIPT = SCRIPT.parent / "perturbation_alignment.py"
+
+
+def test_the_alignment_benchmarks_direction_is_the_steps_first_pass_gradient():
+  """Its norm is the step's own `first_pass_grad_norm`, at the same state and batch, for either perturbation loss.
+
+  AACE (which takes a key) and cross-entropy (which does not) check that the
+  benchmark passes a key exactly when the step does; `rand` draws its targets
+  from a key of its own here, so only that it runs is checked.
+  """
+  import numpy as np
+
+  from tests import helpers
+  from train import train
+
+  alignment = helpers.load_script(ALIGNMENT_SCRIPT, "perturbation_alignment")
+  for method, mode in [("aace_sam", "ada"), ("sam", "ada"), ("aace_sam", "rand")]:
+    experiment = train.create_experiment(helpers.small_config(method=method, aace_mode=mode, augment="none"))
+    state, batch = experiment.init_state(), next(iter(experiment.train_batches(0, 0)))
+    direction = np.asarray(alignment.first_pass_direction(experiment)(state, batch), np.float64)
+    _, _, metrics = experiment.train_step(state, experiment.totals, batch)
+    if mode != "rand":
+      np.testing.assert_allclose(np.linalg.norm(direction), float(metrics["first_pass_grad_norm"]), rtol=1e-5)
+    assert np.isfinite(direction).all() and np.linalg.norm(direction) > 0
+
+
+def test_the_alignment_benchmark_writes_a_cosine_per_epoch_and_lag(tmp_path):
+  config = str(SCRIPT.parents[1] / "train" / "configs" / "default.py")
+  command = [sys.executable, str(ALIGNMENT_SCRIPT), f"--config={config}", "--config.augment=none"]
+  command += ["--config.num_epochs=2", "--config.compilation_cache=False", "--methods=sam", "--lags=1,3"]
+  result = subprocess.run(command + [f"--out={tmp_path}"], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads((tmp_path / "alignment.json").read_text())
+  (run,) = report["runs"]["sam"]
+  assert report["lags"] == [1, 3] and len(run["epochs"]) == 2 and 0 <= run["train_accuracy"] <= 1
+  for epoch in run["epochs"]:
+    assert set(epoch) == {"1", "3"} and all(-1 <= cosine <= 1 for cosine in epoch.values())
+
+  refused = subprocess.run(command[:3] + ["--lags=0"], capture_output=True, text=True)
+  assert refused.returncode == 1 and "--lags must be positive step counts" in refused.stderr

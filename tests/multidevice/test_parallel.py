@@ -414,6 +414,14 @@ def test_fsdp_sharding_splits_the_largest_divisible_dimension_of_large_arrays():
     "small": jax.ShapeDtypeStruct((16,), jnp.float32),
     "step": jax.ShapeDtypeStruct((), jnp.int32),
     "key": jax.random.key(0),
+    "keys": jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 64)),  # large and divisible, but keys
   }
   layout = jax.tree.map(lambda s: s.spec, aace_jax.fsdp_sharding(shapes, mesh, min_size=64))
-  assert layout == {"kernel": P(None, None, None, "data"), "odd": P(), "small": P(), "step": P(), "key": P()}
+  assert layout == {
+    "kernel": P(None, None, None, "data"),
+    "odd": P(),
+    "small": P(),
+    "step": P(),
+    "key": P(),
+    "keys": P(),
+  }
