@@ -237,7 +237,7 @@ def test_breakdown_warning_reads_the_two_signs_from_the_epoch_row(changes, expec
     assert warning.startswith(expected) and "--config.max_perturbation_norm" in warning
   assert (
     train.breakdown_warning(
-      {**HEALTHY, **changes}, small_config(**dict.fromkeys(("warn_perturbed_loss_ratio", "warn_relative_perturbation")))
+      {**HEALTHY, **changes}, small_config(**dict.fromkeys(("warn_loss_at_w_adv_ratio", "warn_relative_perturbation")))
     )
     is None
   )
@@ -449,7 +449,7 @@ def test_gradient_accumulation_in_the_trainer_gives_the_same_run(tmp_path):
     train.train_and_evaluate(small_config(grad_accum_steps=3), str(tmp_path / "bad"))
 
 
-def test_the_old_name_optimizer_is_taken_as_method_with_a_warning():
+def test_old_field_names_are_taken_into_the_new_fields_with_a_warning():
   config = small_config()
   config.optimizer = "sam"
   with pytest.warns(
@@ -457,6 +457,11 @@ def test_the_old_name_optimizer_is_taken_as_method_with_a_warning():
   ):
     config_checks.check_fields(config)
   assert config.method == "sam" and config.optimizer is None
+  config.warn_perturbed_loss_ratio = 0.5
+  renamed = r"config.warn_perturbed_loss_ratio is deprecated .* now config.warn_loss_at_w_adv_ratio \(--config"
+  with pytest.warns(FutureWarning, match=renamed):
+    config_checks.check_fields(config)
+  assert config.warn_loss_at_w_adv_ratio == 0.5 and config.warn_perturbed_loss_ratio is None
   result = subprocess.run(
     [sys.executable, str(REPO / "train" / "main.py"), "--config.optimizer=sgd", "--dry_run"],
     capture_output=True,

@@ -52,22 +52,27 @@ def config_file_error(error: BaseException, path: str) -> str:
   return f"{where}: {type(error).__name__}: {message}"
 
 
+# Old names of config fields, still taken (with a warning) into the field that replaced each.
+RENAMED_FIELDS = {"optimizer": "method", "warn_perturbed_loss_ratio": "warn_loss_at_w_adv_ratio"}
+
+
 def check_fields(config: ml_collections.ConfigDict) -> None:
   """Raises `ConfigError` naming the fields of `train/configs/default.py` that `config` lacks.
 
-  A deprecated field is taken into its new one, with a warning:
-  `config.optimizer` (the old name of `config.method`) becomes `method`.
+  A field under an old name (`RENAMED_FIELDS`) is taken into its new one,
+  with a warning: `config.optimizer=sam` becomes `config.method=sam`.
   """
   from train.configs import default
 
-  if config.get("optimizer") is not None:
-    warnings.warn(
-      f"config.optimizer is deprecated and will be removed: it is now config.method (--config.method="
-      f"{config.optimizer}); taking method={config.optimizer!r}.",
-      FutureWarning,
-      stacklevel=2,
-    )
-    config.method, config.optimizer = config.optimizer, None
+  for old, new in RENAMED_FIELDS.items():
+    if config.get(old) is not None:
+      warnings.warn(
+        f"config.{old} is deprecated and will be removed: it is now config.{new} (--config.{new}="
+        f"{config[old]}); taking {new}={config[old]!r}.",
+        FutureWarning,
+        stacklevel=2,
+      )
+      config[new], config[old] = config[old], None
 
   missing = sorted(set(default.get_config()) - set(config))
   if missing:
@@ -201,9 +206,9 @@ def _how_it_trains(config: ml_collections.ConfigDict) -> list:
       f"checkpoint_max_to_keep must be >= 1, got {config.checkpoint_max_to_keep}",
     ),
     (
-      config.warn_perturbed_loss_ratio is None
-      or (_is_number(config.warn_perturbed_loss_ratio) and 0 < config.warn_perturbed_loss_ratio <= 1),
-      f"warn_perturbed_loss_ratio must lie in (0, 1] (or None), got {config.warn_perturbed_loss_ratio}",
+      config.warn_loss_at_w_adv_ratio is None
+      or (_is_number(config.warn_loss_at_w_adv_ratio) and 0 < config.warn_loss_at_w_adv_ratio <= 1),
+      f"warn_loss_at_w_adv_ratio must lie in (0, 1] (or None), got {config.warn_loss_at_w_adv_ratio}",
     ),
     (
       config.warn_relative_perturbation is None
@@ -294,7 +299,7 @@ def checked_method(config: ml_collections.ConfigDict, steps_per_epoch: int = 1) 
 # change where the data lives and how often the run reports, not what it computes.
 RESUMABLE_CHANGES = {
   "halt_after_epochs",
-  "warn_perturbed_loss_ratio",
+  "warn_loss_at_w_adv_ratio",
   "warn_relative_perturbation",
   "log_every_steps",
   "overwrite",

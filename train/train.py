@@ -481,7 +481,7 @@ def breakdown_warning(row: dict, config: ml_collections.ConfigDict) -> Optional[
   Two signs, each measured where unnormalized AACE-SAM broke down (docs/experiments.md,
   "When AACE-SAM breaks down"):
 
-  - the loss at `w_adv` below `warn_perturbed_loss_ratio` times the loss at
+  - the loss at `w_adv` below `warn_loss_at_w_adv_ratio` times the loss at
     `w`: a perturbation raises the training loss (SAM ascends it; AACE moves
     probability away from the true class), so when it lowers it the updates
     fit `w_adv` and leave `w` behind, and the loss at `w` climbs;
@@ -495,7 +495,7 @@ def breakdown_warning(row: dict, config: ml_collections.ConfigDict) -> Optional[
   """
   at_w, at_w_adv = row["avg_ce_loss"], row["train_loss"]
   perturbation, weights = row["avg_perturbation"], row["avg_param_norm"]
-  loss_ratio, relative = config.warn_perturbed_loss_ratio, config.warn_relative_perturbation
+  loss_ratio, relative = config.warn_loss_at_w_adv_ratio, config.warn_relative_perturbation
   signs = []
   if loss_ratio is not None and at_w_adv < loss_ratio * at_w:
     signs.append(

@@ -66,7 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.halt_after_epochs = config_dict.placeholder(int)  # stop this invocation early, resumable
   # Warn after an epoch whose mean loss at w_adv is below this times the loss at w, or whose perturbation is
   # longer than this fraction of the weights' norm: signs of a breaking-down run (train.breakdown_warning).
-  config.warn_perturbed_loss_ratio = 0.9  # None: never
+  config.warn_loss_at_w_adv_ratio = 0.9  # None: never
+  config.warn_perturbed_loss_ratio = config_dict.placeholder(float)  # deprecated: the old name of the above
   config.warn_relative_perturbation = 0.05  # None: never
   config.max_consecutive_skips = 10  # stop after this many steps in a row with non-finite gradients
   config.compilation_cache = True  # jax's persistent compilation cache: a resumed run loads its compiled steps
