@@ -476,8 +476,8 @@ def aace_sam(
   :math:`T = |w| + \eta` on the leaves ``adaptive_mask`` selects and
   :math:`T = 1` on the others, as ASAM's authors' code does: without
   :math:`\eta` a leaf that starts at zero (a bias, a BatchNorm shift, a
-  zero-initialized head) would never be perturbed; with``
-  max_perturbation_norm`` :math:`c`, ``max_perturbation_norm`` :math:`c`, a perturbation
+  zero-initialized head) would never be perturbed. With
+  ``max_perturbation_norm`` :math:`c`, a perturbation
   :math:`e = w_{adv} - w` longer than :math:`c` is scaled to length :math:`c`.
   It then calls ``grad_fn(w_adv)`` for the training-loss gradient
   :math:`\nabla_w L_{\mathrm{CE}}(w_{\mathrm{adv}})` and returns
