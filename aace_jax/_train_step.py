@@ -402,22 +402,21 @@ def _run_pass(settings: _StepSettings, params, batch, forward, loss_fn, *, loss_
   return _Pass(value, outputs, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads))
 
 
+def _loss_mean(loss_fn: PerExampleLoss, outputs: LossInputs, loss_rng) -> jax.Array:
+  """The batch mean of `loss_fn` on a pass's outputs; `loss_rng` goes to a loss that takes `key`."""
+  extra = {"key": loss_rng} if _accepts_key(loss_fn) else {}
+  return _batch_mean(loss_fn(outputs.logits, outputs.targets, **extra), outputs.weights)
+
+
 def _observed_metrics(settings: _StepSettings, outputs: LossInputs, loss_rng) -> Metrics:
   """What a pass's logits tell, for observation (no gradient flows from here): loss, accuracy, extra metrics."""
-  logits, targets, weights = outputs.logits, outputs.targets, outputs.weights
   metrics = {
-    "loss": _batch_mean(settings.loss(logits, targets), weights),
-    "accuracy": _batch_mean(jnp.argmax(logits, -1) == targets, weights),
+    "loss": _batch_mean(settings.loss(outputs.logits, outputs.targets), outputs.weights),
+    "accuracy": _batch_mean(jnp.argmax(outputs.logits, -1) == outputs.targets, outputs.weights),
   }
   for name, fn in settings.extra_metrics.items():
-    extra = {"key": loss_rng} if _accepts_key(fn) else {}
-    metrics[name] = jax.lax.stop_gradient(_batch_mean(fn(logits, targets, **extra), weights))
+    metrics[name] = jax.lax.stop_gradient(_loss_mean(fn, outputs, loss_rng))
   return metrics
-
-
-def _perturbation_objective(settings: _StepSettings, outputs: LossInputs, loss_rng) -> jax.Array:
-  extra = {"key": loss_rng} if _accepts_key(settings.perturbation_loss) else {}
-  return _batch_mean(settings.perturbation_loss(outputs.logits, outputs.targets, **extra), outputs.weights)
 
 
 def _first_pass_batch(settings: _StepSettings, batch):
@@ -507,7 +506,7 @@ def _sharpness_aware_update(settings: _StepSettings, state: TrainState, batch, f
     (only,) = second_passes
     only_metrics = {
       **_observed_metrics(settings, only.outputs, loss_rng),
-      "first_pass_loss": _perturbation_objective(settings, only.outputs, loss_rng),
+      "first_pass_loss": _loss_mean(settings.perturbation_loss, only.outputs, loss_rng),
     }
     if due is False:
       metrics.update(only_metrics)
@@ -525,7 +524,7 @@ def _plain_update(settings: _StepSettings, state: TrainState, batch, forward, lo
   only = _run_pass(settings, state.params, batch, forward, settings.loss, over_devices=True)
   updates, opt_state = settings.tx.update(only.grads, state.opt_state, state.params)
   metrics = {
-    "first_pass_loss": _perturbation_objective(settings, only.outputs, loss_rng),
+    "first_pass_loss": _loss_mean(settings.perturbation_loss, only.outputs, loss_rng),
     "loss_at_w_adv": only.value,
     "grad_norm": global_norm(only.grads),
     "first_pass_grad_norm": jnp.zeros([]),

@@ -52,12 +52,11 @@ def define_flags() -> None:
 
 def first_pass_direction(experiment):
   """`(state, batch) -> the first-pass gradient, flattened`: the direction of the step's perturbation."""
+  import aace_jax
   from aace_jax import _train_step
   from train import augment
 
   data, model, method = experiment.data, experiment.model, experiment.method
-  # The library's own answer to "does this loss take a key?": a key goes in exactly when a step passes one.
-  takes_key = _train_step._accepts_key(method.perturbation_loss)
 
   @jax.jit
   def direction(state, batch):
@@ -67,8 +66,9 @@ def first_pass_direction(experiment):
       logits, _ = model.apply(
         {"params": params, **state.model_state}, images, train=True, mutable=list(state.model_state)
       )
-      extra = {"key": jax.random.key(0)} if takes_key else {}
-      return method.perturbation_loss(logits, batch["label"], **extra).mean()
+      # The step's own batch mean of its first-pass loss, which gives a key to a loss that takes one.
+      outputs = aace_jax.LossInputs(logits, batch["label"], None, state.model_state)
+      return _train_step._loss_mean(method.perturbation_loss, outputs, jax.random.key(0))
 
     grads = jax.grad(objective)(state.params)
     return jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(grads)])
