@@ -154,7 +154,7 @@ def main(argv):
         walls = [row["wall_time"] for row in rows]
         # After the first epoch, which includes compilation.
         result["seconds_per_epoch"] = (walls[-1] - walls[0]) / (len(walls) - 1) if len(walls) > 1 else walls[0]
-        result["rho"] = methods.DEFAULT_RHO[config.method] if config.rho is None else config.rho
+        result["rho"] = methods.rho(config)
         results.setdefault(dataset, {}).setdefault(method, []).append(result)
         curves.setdefault(dataset, {}).setdefault(method, []).append([row["val_acc"] for row in rows])
         configs[dataset] = config

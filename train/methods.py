@@ -3,7 +3,7 @@
 `create_training_method(config, steps_per_epoch)` is the one place that turns
 the config's method fields into library objects, so the library's own
 argument checks (rho, the AACE mode and threshold, label smoothing) are the
-only ones: `config_checks.check_config` builds the method to run them.
+only ones: `config_checks.checked_method` builds the method to run them.
 """
 
 import functools
@@ -57,6 +57,11 @@ class TrainingMethod(NamedTuple):
   aace_metrics: dict
 
 
+def rho(config: ml_collections.ConfigDict) -> float:
+  """The perturbation size of the run: `config.rho`, or `DEFAULT_RHO[config.method]` when it is None."""
+  return DEFAULT_RHO[config.method] if config.rho is None else config.rho
+
+
 def create_training_method(config: ml_collections.ConfigDict, steps_per_epoch: int) -> TrainingMethod:
   """The `TrainingMethod` of `config.method`; the library checks every argument it is given."""
   base = optax.chain(
@@ -65,7 +70,6 @@ def create_training_method(config: ml_collections.ConfigDict, steps_per_epoch: i
       learning_rate=learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum
     ),
   )
-  rho = DEFAULT_RHO[config.method] if config.rho is None else config.rho
   targets = {"threshold": config.aace_threshold, "mode": config.aace_mode}
   aace = functools.partial(aace_jax.aace_cross_entropy, **targets)
   aace_metrics = {"aace_kl": functools.partial(aace_jax.aace_kl_divergence, **targets), "aace_ce": aace}
@@ -80,6 +84,6 @@ def create_training_method(config: ml_collections.ConfigDict, steps_per_epoch: i
   if config.method == "sgd":
     return TrainingMethod(base, aace, loss, aace_metrics)
   if config.method == "aace_sam":
-    return TrainingMethod(aace_jax.aace_sam(base, rho, **perturbation), aace, loss, aace_metrics)
+    return TrainingMethod(aace_jax.aace_sam(base, rho(config), **perturbation), aace, loss, aace_metrics)
   adaptive = config.method == "asam"
-  return TrainingMethod(aace_jax.sam(base, rho, adaptive=adaptive, **perturbation), loss, loss, aace_metrics)
+  return TrainingMethod(aace_jax.sam(base, rho(config), adaptive=adaptive, **perturbation), loss, loss, aace_metrics)
