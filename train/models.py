@@ -235,26 +235,21 @@ MODELS = {
 }
 
 
-def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...], then: Callable = lambda v: v):
-  """`then(model.init(key, ...))` for one image of `image_shape`, compiled for a fast start.
+def init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...]):
+  """`model.init(key, ...)` for one image of `image_shape`, compiled as `run_init` compiles."""
+  return run_init(lambda key: model.init(key, jnp.zeros((1, *image_shape)), train=False), key)
 
-  XLA drops the forward pass from the compiled init (only the initializers
+
+def run_init(init: Callable, *args):
+  """`init(*args)` compiled at backend optimization level 0: for programs that run once, such as a model's init.
+
+  XLA drops the forward pass from a compiled init (only the initializers
   reach the outputs), so what takes time is compiling the hundreds of random
   initializers themselves: 251 s for PyramidNet-272 on a 2-core CPU. Compiled
   at backend optimization level 0 they take a fifth of that, and init runs
   once. The values equal the jitted ``model.init``'s up to float32 rounding
   (a few ulps, as eager and jitted ``model.init`` already differ).
-
-  ``then`` maps the variables to what is wanted, in the same program: the
-  trainer builds its whole initial state there, since the optimizer's
-  ``init`` run op by op compiles one small program per parameter shape
-  (16 s for PyramidNet-272's 408 shapes, against 2 s compiled at once).
   """
-  return run_init(lambda key: then(model.init(key, jnp.zeros((1, *image_shape)), train=False)), key)
-
-
-def run_init(init: Callable, *args):
-  """`init(*args)` compiled at backend optimization level 0 (see `init_variables`): for programs that run once."""
   return jax.jit(init).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})(*args)
 
 

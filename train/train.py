@@ -1,8 +1,9 @@
 """Training and evaluation loop: `train_and_evaluate(config, workdir)`.
 
 Reads top to bottom, as flax's examples/imagenet does: how a run stops, how
-batches reach the devices, the device-side steps, the experiment (data, model, method, jitted steps), evaluation, the
-epoch's bookkeeping, then the loop and `train_and_evaluate`. The step is
+batches reach the devices, the device-side steps, the experiment (data,
+model, method, jitted steps), evaluation, the epoch's bookkeeping, then the
+loop and `train_and_evaluate`. The step is
 `aace_jax.make_train_step`, run over a data mesh of every device with
 `aace_jax.shard_step`, inside one jitted function that also augments and
 normalizes the batch (`train/augment.py`) and adds the step's metrics to the
@@ -319,7 +320,10 @@ def open_data(config: ml_collections.ConfigDict) -> input_pipeline.Data:
 def state_initializer(model, method: methods.TrainingMethod, image_shape: tuple) -> Callable:
   """`(init_key, state_key) -> TrainState`: the model's variables and the optimizer's state, in one program.
 
-  Both keys are arguments, so one compiled program serves every seed.
+  Both keys are arguments, so one compiled program serves every seed. The
+  optimizer's ``init`` belongs in it: run op by op it compiles one small
+  program per parameter shape (16 s for PyramidNet-272's 408 shapes, against
+  2 s compiled at once).
   """
 
   def init(init_key, state_key):
