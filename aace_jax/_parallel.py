@@ -233,12 +233,9 @@ def fsdp_sharding(tree, mesh: Mesh, axis: str = "data", *, min_size: int = 2**14
 
   def layout(x):
     shape = tuple(jnp.shape(x))
-    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key) or not shape:
-      return NamedSharding(mesh, P())
-    if int(np.prod(shape)) < min_size:
-      return NamedSharding(mesh, P())
-    candidates = [d for d in range(len(shape)) if shape[d] % devices == 0]
-    if not candidates:
+    candidates = [d for d in range(len(shape)) if shape[d] % devices == 0]  # none for a scalar
+    is_key = jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+    if is_key or int(np.prod(shape)) < min_size or not candidates:
       return NamedSharding(mesh, P())
     dim = max(candidates, key=lambda d: (shape[d], d))
     return NamedSharding(mesh, P(*[axis if d == dim else None for d in range(len(shape))]))
