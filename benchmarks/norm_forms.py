@@ -7,9 +7,8 @@ concatenated leaves, 32 leaves each (`chunks_of_32`, what a lone CPU device
 gets), or reduce each leaf and combine the scalars (`per_leaf`, what every
 other platform and any sharded state gets); `one_vector` concatenates every
 leaf into one vector (the library's CPU form before the chunks). For each
-model and form, a
-fresh process (no compilation cache, nothing compiled in memory) builds
-the jitted, donating AACE-SAM step of `benchmarks/step_time.py` (guarded,
+model and form, a fresh process (no compilation cache, nothing compiled in
+memory) builds the jitted, donating AACE-SAM step of `benchmarks/step_time.py` (guarded,
 SGD with momentum and weight decay as the base), times its trace and
 lowering and its compile, and then its steps: the median of `--steps` after
 one warm-up step. `fusions` counts the compiled program's fusion
