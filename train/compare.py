@@ -22,11 +22,13 @@ accuracy per epoch to `compare.png`. Seconds per epoch leave out the first
 epoch, which includes compilation.
 """
 
+import itertools
 import os
 import pathlib
 import re
 import sys
 import time
+from typing import Optional
 
 if __package__ in (None, ""):  # run as a script: make `train` and `aace_jax` importable
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
@@ -38,6 +40,7 @@ from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from train import checkpointing  # noqa: E402
+from train import compilation_cache  # noqa: E402
 from train import config_checks  # noqa: E402
 from train import methods  # noqa: E402
 from train import run_files  # noqa: E402
@@ -56,11 +59,15 @@ flags.DEFINE_bool("dry_run", False, "Check the command and the config, print the
 flags.DEFINE_enum("paper", None, sorted(paper.MODELS), "Run the authors' recipe for this model on --datasets.")
 flags.DEFINE_list("datasets", list(paper.DATASETS), "With --paper: the datasets of the table.")
 flags.DEFINE_list("methods", list(METHODS), "METHOD[:FIELD=VALUE...] of each row; without --paper only.")
+flags.DEFINE_list("baseline", None, "The --methods entries every other method is compared with; default: the first.")
 
 
 def planned_runs(base) -> list[tuple[str, str, object]]:
   """(dataset, method, config) of every method on every dataset, before seeds."""
   if FLAGS.paper is None:
+    unknown = sorted(set(FLAGS.baseline or ()) - set(FLAGS.methods))
+    if unknown:
+      raise config_checks.ConfigError(f"--baseline {','.join(unknown)} is not among --methods {FLAGS.methods}.")
     return [(base.dataset, spec, variants.method_config(base, spec)) for spec in FLAGS.methods]
   if FLAGS["methods"].present:
     raise config_checks.ConfigError("--methods is for a comparison of one config; --paper runs the paper's three.")
@@ -77,6 +84,24 @@ def planned_runs(base) -> list[tuple[str, str, object]]:
       config.update_from_flattened_dict(overrides)
       runs.append((dataset, method, config))
   return runs
+
+
+def finished_rows(config, run_dir: str) -> Optional[list[dict]]:
+  """The metrics.csv rows of a finished run of `config` in `run_dir`, or None when it has to run (or resume).
+
+  Finished: its config.json holds the same recipe and its CSV a row for every
+  epoch. The CSV is written after the checkpoint that holds its row, so a
+  finished CSV is a finished run; anything else goes to `train_and_evaluate`,
+  which resumes it or says why it cannot.
+  """
+  rows = run_files.RunFiles(run_dir, enabled=False).read() if os.path.isdir(run_dir) else []
+  if [row["epoch"] for row in rows] != list(range(config.num_epochs)):
+    return None
+  try:
+    config_checks.check_resumable(config, run_dir)
+  except config_checks.ConfigError:
+    return None
+  return rows
 
 
 def markdown_table(results: dict, config) -> str:
@@ -137,28 +162,32 @@ def main(argv):
       print(f"would run {method} on {dataset} ({config.model}, {config.num_epochs} epochs) x {FLAGS.seeds} seeds")
     return
   workdir = FLAGS.workdir or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+  compilation_cache.enable(runs[0][2])
   results, curves, configs = {}, {}, {}
   try:
-    for dataset, method, base in runs:
-      for offset in range(FLAGS.seeds):
-        config = base.copy_and_resolve_references()
-        config.unlock()
-        config.seed = base.seed + offset
-        folder = re.sub(r"[^\w.=-]+", "_", method)
-        run_dir = os.path.join(workdir, dataset if FLAGS.paper else "", f"{folder}-seed{config.seed}")
+    # Seed by seed, every method of a seed before the next seed: the runs finished at any moment are paired.
+    for offset, (dataset, method, base) in itertools.product(range(FLAGS.seeds), runs):
+      config = base.copy_and_resolve_references()
+      config.unlock()
+      config.seed = base.seed + offset
+      folder = re.sub(r"[^\w.=-]+", "_", method)
+      run_dir = os.path.join(workdir, dataset if FLAGS.paper else "", f"{folder}-seed{config.seed}")
+      rows = finished_rows(config, run_dir)
+      if rows is None:
         result = train.train_and_evaluate(config, run_dir)
         if result["stopped_by"] in train.SIGNAL_STOPS and not result["finished"]:
           train.ignore_stop_signals()
           sys.exit(f"stopped by {result['stopped_by']} in {run_dir}; rerun the same command to resume the comparison.")
         rows = run_files.RunFiles(run_dir, enabled=False).read()
-        walls = [row["wall_time"] for row in rows]
-        # After the first epoch, which includes compilation.
-        result["seconds_per_epoch"] = (walls[-1] - walls[0]) / (len(walls) - 1) if len(walls) > 1 else walls[0]
-        result["rho"] = methods.rho(config)
-        results.setdefault(dataset, {}).setdefault(method, []).append(result)
-        curves.setdefault(dataset, {}).setdefault(method, []).append([row["val_acc"] for row in rows])
-        configs[dataset] = config
-        print(f"{method} on {dataset}, seed {config.seed}: test accuracy {result['val_acc']:.4f}", flush=True)
+      walls = [row["wall_time"] for row in rows]
+      result = dict(rows[-1])
+      # After the first epoch, which includes compilation.
+      result["seconds_per_epoch"] = (walls[-1] - walls[0]) / (len(walls) - 1) if len(walls) > 1 else walls[0]
+      result["rho"] = methods.rho(config)
+      results.setdefault(dataset, {}).setdefault(method, []).append(result)
+      curves.setdefault(dataset, {}).setdefault(method, []).append([row["val_acc"] for row in rows])
+      configs[dataset] = config
+      print(f"{method} on {dataset}, seed {config.seed}: test accuracy {result['val_acc']:.4f}", flush=True)
   except checkpointing.CheckpointWriteError as error:
     train.exit_now(f"error: {error}")  # orbax's threads for later writes would keep the process alive
   except train.RUN_ERRORS as error:

@@ -93,6 +93,8 @@ INT32_FIELDS = (
   "halt_after_epochs",
   "max_consecutive_skips",
   "train_examples",
+  "validation_examples",
+  "test_every_epochs",
 )
 INT32_MAX = 2**31 - 1
 # NumPy's generators take seeds >= 0, jax.random.key seeds that fit in int64.
@@ -152,6 +154,19 @@ def _what_runs(config: ml_collections.ConfigDict) -> list:
       config.train_examples is None or _at_least(config.train_examples, 1),
       f"train_examples must be >= 1 (or None), got {config.train_examples}",
     ),
+    (
+      config.validation_examples is None or _at_least(config.validation_examples, 1),
+      f"validation_examples must be >= 1 (or None), got {config.validation_examples}",
+    ),
+    (
+      _is_number(config.label_noise) and 0 <= config.label_noise < 1,
+      f"label_noise must be a fraction in [0, 1), got {config.label_noise}",
+    ),
+    (
+      config.label_noise_kind in input_pipeline.LABEL_NOISE_KINDS,
+      f"label_noise_kind {config.label_noise_kind!r} is not one of {input_pipeline.LABEL_NOISE_KINDS}",
+    ),
+    (_at_least(config.test_every_epochs, 1), f"test_every_epochs must be >= 1, got {config.test_every_epochs}"),
     (config.model in models.MODELS, f"model {config.model!r} is not one of {sorted(models.MODELS)}"),
     (config.dtype in models.DTYPES, f"dtype {config.dtype!r} is not one of {sorted(models.DTYPES)}"),
     (_at_least(config.num_epochs, 1), f"num_epochs must be >= 1, got {config.num_epochs}"),
@@ -313,12 +328,19 @@ RESUMABLE_CHANGES = {
 
 
 def check_resumable(config, workdir: str) -> None:
-  """Refuses a workdir whose config.json holds another recipe."""
+  """Refuses a workdir whose config.json holds another recipe.
+
+  A field that the saved config lacks (one added to the trainer since the
+  run started) counts as its value in `train/configs/default.py`, which is
+  what the run computed without it.
+  """
+  from train.configs import default
+
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   with open(path) as f:
-    saved = json.load(f)
+    saved = {**json.loads(default.get_config().to_json_best_effort()), **json.load(f)}
   current = json.loads(config.to_json_best_effort())
   differ = sorted(k for k in set(saved) | set(current) if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
   if differ:

@@ -18,6 +18,8 @@ CSV_COLUMNS = (
   "train_acc",
   "val_loss",
   "val_acc",
+  "holdout_loss",
+  "holdout_acc",
   "skipped_steps",
   "images_per_sec",
   "wall_time",
@@ -38,6 +40,10 @@ CSV_FROM_METRICS = {
   "train_loss": "loss_at_w_adv",  # the loss of the pass whose gradient updates the weights (at w_adv)
   "train_acc": "accuracy",  # of the first pass
 }
+# The evaluations of the epoch's end, after the authors' naming: `val_*` is the dataset's test split (their
+# "validation" set, on which they report), `holdout_*` the validation split that `config.validation_examples`
+# holds out of the training split (NaN without one): the only one that may choose an epoch or a setting.
+EVALUATION_COLUMNS = {"test": ("val_loss", "val_acc"), "validation": ("holdout_loss", "holdout_acc")}
 # The step metrics that an epoch's row averages over its applied steps.
 SUMMED_METRICS = tuple(CSV_FROM_METRICS.values())
 
@@ -73,18 +79,21 @@ def reset_epoch_totals(totals: dict) -> dict:
   return {**zeros, "learning_rate": totals["learning_rate"] * jnp.nan, "skip_streak": totals["skip_streak"]}
 
 
-def row(epoch: int, totals: dict, val_loss: float, val_acc: float, *, images_per_sec: float, wall_time: float) -> dict:
+def row(epoch: int, totals: dict, evaluations: dict, *, images_per_sec: float, wall_time: float) -> dict:
   """The epoch's CSV row: means over its applied steps, the last learning rate (as the authors log it),
-  the evaluation, and the timing."""
+  the evaluations (`{"test": (loss, accuracy), "validation": ...}`; NaN for a split not evaluated), and the
+  timing."""
   totals = jax.device_get(totals)
   applied = int(totals["applied"])
   mean = {name: float(value) / applied if applied else float("nan") for name, value in totals["sums"].items()}
+  evaluated = {}
+  for split, columns in EVALUATION_COLUMNS.items():
+    evaluated.update(zip(columns, evaluations.get(split, (float("nan"), float("nan")))))
   return {
     "epoch": epoch,
     "lr": float(totals["learning_rate"]),
     **{column: mean[metric] for column, metric in CSV_FROM_METRICS.items()},
-    "val_loss": val_loss,
-    "val_acc": val_acc,
+    **evaluated,
     "skipped_steps": float(totals["skipped"]),
     "images_per_sec": images_per_sec,
     "wall_time": wall_time,
@@ -93,7 +102,7 @@ def row(epoch: int, totals: dict, val_loss: float, val_acc: float, *, images_per
 
 # The plots a run draws after each epoch: file name -> (y label, columns).
 PLOT_PANELS = {
-  "loss": ("loss", ("avg_ce_loss", "avg_aace_loss", "avg_aace_ce", "train_loss", "val_loss")),
+  "loss": ("loss", ("avg_ce_loss", "avg_aace_loss", "avg_aace_ce", "train_loss", "val_loss", "holdout_loss")),
   "perturbation": ("norm", ("avg_grad_norm", "avg_perturbation")),
-  "accuracy": ("accuracy", ("train_acc", "val_acc")),
+  "accuracy": ("accuracy", ("train_acc", "val_acc", "holdout_acc")),
 }

@@ -412,6 +412,23 @@ def open_split(
   return decoded
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelNoise:
+  """The label noise of a run, as asked for and as realized on its training and validation records."""
+
+  rate: float
+  kind: str
+  training_rate: float
+  validation_rate: Optional[float]
+
+  def describe(self) -> str:
+    validation = "" if self.validation_rate is None else f", {self.validation_rate:.4f} of the validation labels"
+    return (
+      f"{self.kind} label noise {self.rate:g}: {self.training_rate:.4f} of the training labels wrong{validation};"
+      " the test split untouched"
+    )
+
+
 @dataclasses.dataclass
 class Data:
   """The train and eval splits of a dataset and this host's share of every batch.
@@ -419,7 +436,9 @@ class Data:
   Attributes:
     spec: the dataset's `DatasetSpec`.
     origin: where the data was read from, in words (the run's first lines say it).
-    train, eval: the splits (`Split` in memory, or `StreamedSplit`).
+    train, eval: the splits (`Split` in memory, or `StreamedSplit`); `eval` is the dataset's test split.
+    validation: a fixed part of the training split held out of training (`held_out_parts`), or None.
+    label_noise: the label noise applied to `train` and `validation` (`LabelNoise`), or None.
     per_host_batch, per_host_eval_batch: this host's rows of every global batch.
     seed: the run's seed; the epoch's order is a function of `(seed, epoch)`.
     mean, std: per-channel normalization, applied on the device.
@@ -438,6 +457,8 @@ class Data:
   process_index: int = 0
   process_count: int = 1
   origin: str = "arrays given by the caller"
+  validation: Optional[Split] = None
+  label_noise: Optional[LabelNoise] = None
 
   @property
   def in_memory(self) -> bool:
@@ -453,7 +474,11 @@ class Data:
 
   @property
   def eval_steps(self) -> int:
-    return -(-len(self.eval) // (self.per_host_eval_batch * self.process_count))
+    return self.evaluation_steps(self.eval)
+
+  def evaluation_steps(self, split) -> int:
+    """Batches per evaluation of `split` (the last one padded and masked)."""
+    return -(-len(split) // (self.per_host_eval_batch * self.process_count))
 
   def epoch_order(self, epoch: int) -> np.ndarray:
     """The epoch's permutation of the training records, a function of `(seed, epoch)` alone."""
@@ -472,16 +497,24 @@ class Data:
     return self._batches(batch, range(start_step, self.steps_per_epoch), self.train)
 
   def eval_batches(self) -> Iterator[dict]:
-    """This host's block of every evaluation batch; padding rows repeat the last record with mask 0."""
-    count, global_eval_batch = len(self.eval), self.per_host_eval_batch * self.process_count
+    """This host's block of every batch of the test split; padding rows repeat the last record with mask 0."""
+    return self.evaluation_batches(self.eval)
+
+  def validation_batches(self) -> Iterator[dict]:
+    """Likewise for the validation split (which must exist)."""
+    return self.evaluation_batches(self.validation)
+
+  def evaluation_batches(self, split) -> Iterator[dict]:
+    """This host's block of every evaluation batch of `split`; padding rows repeat the last record with mask 0."""
+    count, global_eval_batch = len(split), self.per_host_eval_batch * self.process_count
 
     def batch(step: int) -> dict:
       start = step * global_eval_batch + self.process_index * self.per_host_eval_batch
       positions = np.arange(start, start + self.per_host_eval_batch)
-      images, labels = self.eval.take(np.minimum(positions, count - 1))
+      images, labels = split.take(np.minimum(positions, count - 1))
       return {"image": images, "label": labels, "mask": (positions < count).astype(np.float32)}
 
-    return self._batches(batch, range(self.eval_steps), self.eval)
+    return self._batches(batch, range(self.evaluation_steps(split)), split)
 
   @staticmethod
   def _batches(batch, steps: range, split) -> Iterator[dict]:
@@ -492,23 +525,141 @@ class Data:
     return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4)))
 
 
-def balanced_subset(train: Union[Split, StreamedSplit], count: int, num_classes: int, name: str) -> Split:
-  """`count` training examples, as many of each class as can be (a class short of its share gives way to the
-  others), chosen by a fixed permutation: the same subset for every run and seed."""
-  if not isinstance(train, Split):
-    raise DataMismatch(f"train_examples needs the {name!r} training split in memory; it is streamed from disk.")
-  if not 0 < count <= len(train):
-    raise DataMismatch(f"train_examples {count} is not between 1 and the {len(train)} training examples of {name!r}.")
-  order = np.random.default_rng(0).permutation(len(train))
-  labels = train.labels[order]
-  # Each example's rank among the examples of its class, in the permutation's order: taking the lowest
-  # ranks first takes the classes in turn.
+def balanced_indices(
+  labels: np.ndarray, count: int, num_classes: int, *, order_seed: int, excluded: Optional[np.ndarray] = None
+) -> np.ndarray:
+  """Sorted indices of `count` records, as many of each class as can be (a class short of its share gives way to
+  the others), taken in the order of a fixed permutation (`order_seed`), leaving out the `excluded` indices."""
+  order = np.random.default_rng(order_seed).permutation(len(labels))
+  if excluded is not None:
+    order = order[~np.isin(order, excluded)]
+  ordered_labels = labels[order]
+  # Each record's rank among the records of its class, in the permutation's order: taking the lowest ranks
+  # first takes the classes in turn.
   rank = np.zeros(len(order), np.int64)
   for label in range(num_classes):
-    members = labels == label
+    members = ordered_labels == label
     rank[members] = np.arange(members.sum())
-  chosen = np.sort(order[np.argsort(rank, kind="stable")[:count]])
-  return Split(train.images[chosen], train.labels[chosen])
+  return np.sort(order[np.argsort(rank, kind="stable")[:count]])
+
+
+# The fixed permutations that pick the training subset and the validation split: the same for every run and seed.
+SUBSET_ORDER_SEED = 0
+VALIDATION_ORDER_SEED = 1
+
+
+def held_out_parts(
+  train: Union[Split, StreamedSplit],
+  num_classes: int,
+  name: str,
+  *,
+  train_examples: Optional[int],
+  validation_examples: Optional[int],
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
+  """`(training indices, validation indices or None)` into the training split.
+
+  The validation split is a fixed, class-balanced part of the training split
+  (`VALIDATION_ORDER_SEED`); the training records are the rest, or a fixed,
+  class-balanced subset of the rest (`SUBSET_ORDER_SEED`) with
+  `train_examples`. Without a validation split the subset is what it was
+  before validation splits existed.
+  """
+  for field, count in (("train_examples", train_examples), ("validation_examples", validation_examples)):
+    if count is not None and not isinstance(train, Split):
+      raise DataMismatch(f"{field} needs the {name!r} training split in memory; it is streamed from disk.")
+  total = len(train)
+  held_out = validation_examples or 0
+  if held_out >= total:
+    raise DataMismatch(
+      f"validation_examples {held_out} leaves none of the {total} training examples of {name!r} to train on."
+    )
+  available = total - held_out
+  if train_examples is not None and not 0 < train_examples <= available:
+    rest = f" after the {held_out} validation examples" if held_out else ""
+    raise DataMismatch(
+      f"train_examples {train_examples} is not between 1 and the {available} training examples of {name!r}{rest}."
+    )
+  validation = None
+  if validation_examples is not None:
+    validation = balanced_indices(train.labels, held_out, num_classes, order_seed=VALIDATION_ORDER_SEED)
+  if train_examples is None:
+    training = np.arange(total) if validation is None else np.setdiff1d(np.arange(total), validation)
+  else:
+    training = balanced_indices(
+      train.labels, train_examples, num_classes, order_seed=SUBSET_ORDER_SEED, excluded=validation
+    )
+  return training, validation
+
+
+LABEL_NOISE_KINDS = ("symmetric", "pairflip")
+# Keeps the noise's random stream apart from the epochs' orders, which are drawn from (seed, epoch).
+LABEL_NOISE_STREAM = 0x4E4F495345
+
+
+def noisy_labels(labels: np.ndarray, *, rate: float, kind: str, num_classes: int, seed: int) -> np.ndarray:
+  """`labels` with each one replaced by a wrong class with probability `rate`, a fixed function of (seed, index).
+
+  Record ``i`` is relabelled when ``u_i < rate``, with ``u`` uniform draws
+  from the run's seed, one per record of `labels`: every method of a seed,
+  and a resumed run, see the same wrong labels. Its new label is ``(y_i +
+  s_i) mod C``: ``s_i`` uniform in ``1..C-1`` (``symmetric``: any other class,
+  equally likely, never its own) or ``1`` (``pairflip``: class ``c`` to
+  ``c + 1``, the asymmetric noise of the label-noise literature).
+
+  Args:
+    labels: int labels in ``[0, num_classes)``, indexed by record.
+    rate: the probability of a wrong label, in ``[0, 1)``.
+    kind: ``"symmetric"`` or ``"pairflip"``.
+    num_classes: ``C``.
+    seed: the run's seed.
+
+  Returns:
+    int32 labels of the same shape.
+
+  >>> noisy_labels(np.arange(4) % 2, rate=0.0, kind="symmetric", num_classes=2, seed=0).tolist()
+  [0, 1, 0, 1]
+  >>> noisy_labels(np.arange(4) % 2, rate=0.999, kind="pairflip", num_classes=2, seed=0).tolist()
+  [1, 0, 1, 0]
+  """
+  if kind not in LABEL_NOISE_KINDS:
+    raise ValueError(f"label noise kind {kind!r} is not one of {LABEL_NOISE_KINDS}")
+  if not 0 <= rate < 1:
+    raise ValueError(f"label noise rate must lie in [0, 1), got {rate}")
+  rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(LABEL_NOISE_STREAM,)))
+  relabelled = rng.random(len(labels)) < rate
+  shift = rng.integers(1, num_classes, len(labels)) if kind == "symmetric" else np.ones(len(labels), np.int64)
+  return np.where(relabelled, (labels + shift) % num_classes, labels).astype(np.int32)
+
+
+def split_and_relabel(
+  train: Union[Split, StreamedSplit],
+  num_classes: int,
+  name: str,
+  *,
+  seed: int,
+  train_examples: Optional[int],
+  validation_examples: Optional[int],
+  label_noise: float,
+  label_noise_kind: str,
+) -> tuple[Split, Optional[Split], Optional[LabelNoise]]:
+  """`(training records, validation split or None, LabelNoise or None)` from the whole training split."""
+  if label_noise and not isinstance(train, Split):
+    raise DataMismatch(f"label_noise needs the {name!r} training split in memory; it is streamed from disk.")
+  training, validation = held_out_parts(
+    train, num_classes, name, train_examples=train_examples, validation_examples=validation_examples
+  )
+  labels, noise = train.labels, None
+  if label_noise:
+    labels = noisy_labels(train.labels, rate=label_noise, kind=label_noise_kind, num_classes=num_classes, seed=seed)
+    wrong = labels != train.labels
+    noise = LabelNoise(
+      rate=label_noise,
+      kind=label_noise_kind,
+      training_rate=float(wrong[training].mean()),
+      validation_rate=None if validation is None else float(wrong[validation].mean()),
+    )
+  validation_split = None if validation is None else Split(train.images[validation], labels[validation])
+  return Split(train.images[training], labels[training]), validation_split, noise
 
 
 def channel_statistics(images: np.ndarray) -> tuple[tuple, tuple]:
@@ -532,6 +683,9 @@ def create_data(
   process_index: int = 0,
   process_count: int = 1,
   train_examples: Optional[int] = None,
+  validation_examples: Optional[int] = None,
+  label_noise: float = 0.0,
+  label_noise_kind: str = "symmetric",
   augment: Optional[str] = None,
 ) -> Data:
   """Opens dataset `name` for this host, decoding what fits in memory. Raises before any training on bad input.
@@ -541,6 +695,11 @@ def create_data(
     cache_dir: where decoded TFDS splits are cached; None caches nothing.
     max_in_memory_bytes: splits larger than this (as uint8) are streamed from disk.
     train_examples: train on this fixed, class-balanced subset of the training split (None: all of it).
+    validation_examples: hold out this fixed, class-balanced part of the training split, the same for every
+      seed, as the validation split (None: none); the training records are taken from the rest.
+    label_noise, label_noise_kind: give this fraction of the training and validation records a wrong label
+      (`noisy_labels`: a function of the seed and the record's index in the training split); never the test
+      split's.
     augment: the device augmentation (one of `augment.AUGMENTATIONS`) instead of the dataset's own.
   """
   spec = get_spec(name)
@@ -557,9 +716,24 @@ def create_data(
   for role, split in (("train", train), ("eval", eval_)):
     if len(split) == 0:
       raise RecordError(f"the {role} split of {name!r} is empty.")
+  validation, noise = None, None
+  if train_examples is not None or validation_examples is not None or label_noise:
+    train, validation, noise = split_and_relabel(
+      train,
+      spec.num_classes,
+      name,
+      seed=seed,
+      train_examples=train_examples,
+      validation_examples=validation_examples,
+      label_noise=label_noise,
+      label_noise_kind=label_noise_kind,
+    )
   if train_examples is not None:
-    train = balanced_subset(train, train_examples, spec.num_classes, name)
     origin += f"; {train_examples} training examples of {len(sources[0])} (a fixed class-balanced subset)"
+  if validation is not None:
+    origin += f"; {len(validation)} more held out of training as the validation split (fixed, class-balanced)"
+  if noise is not None:
+    origin += f"; {noise.describe()}"
   if spec.mean is not None:
     mean, std = spec.mean, spec.std
   elif isinstance(train, Split):
@@ -578,6 +752,8 @@ def create_data(
     std=std,
     process_index=process_index,
     process_count=process_count,
+    validation=validation,
+    label_noise=noise,
   )
   if data.steps_per_epoch < 1:
     raise DataMismatch(f"batch_size {global_batch} is larger than the {len(train)} training examples of {name!r}.")

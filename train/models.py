@@ -225,6 +225,9 @@ MODELS = {
   "small_cnn": functools.partial(SmallCNN),
   "mnist_cnn": functools.partial(MnistCNN),
   "mnist_cnn_head_norm": functools.partial(MnistCNN, head_norm=True),
+  # Half as wide (16 and 32 channels, 64 hidden units), BatchNorm after every hidden layer: 106k parameters,
+  # the label-noise comparison's network (train/configs/label_noise.py).
+  "mnist_cnn_narrow": functools.partial(MnistCNN, channels=16, hidden=64, head_norm=True),
   "wrn16_4": functools.partial(WideResNet, 16, 4),
   "wrn28_10": functools.partial(WideResNet, 28, 10),
   # The authors' "WRN-28-10": 5 units per group (46.2M parameters at 100 classes), the network behind

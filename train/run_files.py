@@ -8,9 +8,11 @@ say) is a warning, not a crash.
 """
 
 import csv
+import dataclasses
 import fcntl
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -20,6 +22,8 @@ from typing import BinaryIO
 from typing import Callable
 from typing import Optional
 from typing import Union
+
+import numpy as np
 
 from train import epoch_row
 
@@ -116,6 +120,23 @@ def write_config(config, workdir: str) -> None:
     atomic_write(path, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def write_data_description(data, workdir: str) -> None:
+  """data.json: where the data came from, the sizes of its splits and the label noise as realized.
+
+  The same for every invocation of a run (the data is a function of the
+  config), so a resumed run rewrites it whole.
+  """
+  noise = data.label_noise
+  description = {
+    "origin": data.origin,
+    "training_examples": len(data.train),
+    "validation_examples": None if data.validation is None else len(data.validation),
+    "test_examples": len(data.eval),
+    "label_noise": None if noise is None else dataclasses.asdict(noise),
+  }
+  atomic_write(os.path.join(workdir, "data.json"), json.dumps(description, indent=2) + "\n")
+
+
 def atomic_write(path: str, contents: Union[str, Callable[[BinaryIO], None]]) -> None:
   """Writes `path` whole or not at all: a kill leaves the old file or the new one, and no partial file behind.
 
@@ -139,7 +160,7 @@ def atomic_write(path: str, contents: Union[str, Callable[[BinaryIO], None]]) ->
 
 def clear_run(workdir: str) -> None:
   """Removes a previous run's outputs (for --config.overwrite=True)."""
-  for name in ("config.json", "metrics.csv"):
+  for name in ("config.json", "data.json", "metrics.csv"):
     if os.path.exists(os.path.join(workdir, name)):
       os.remove(os.path.join(workdir, name))
   for name in ("checkpoints", "tensorboard", "plots"):
@@ -154,13 +175,21 @@ def _number(text) -> float:
 
 
 class RunFiles:
-  """metrics.csv, TensorBoard events and plots; a no-op on processes other than 0."""
+  """metrics.csv, TensorBoard events and plots; a no-op on processes other than 0.
 
-  def __init__(self, workdir: str, enabled: bool):
+  The CSV and the events take every row as it comes. The plots are drawn
+  again at most every `plot_interval_seconds` and when the files are closed:
+  drawing them takes about half a second, as long as a short epoch's
+  evaluation (`benchmarks/run_time.py`).
+  """
+
+  def __init__(self, workdir: str, enabled: bool, plot_interval_seconds: float = 60.0):
     self.enabled = enabled
     self.csv_path = os.path.join(workdir, "metrics.csv")
     self.plots_dir = os.path.join(workdir, "plots")
     self.rows: list[dict] = []
+    self.plot_interval_seconds = plot_interval_seconds
+    self.plotted_rows, self.plotted_at = 0, -math.inf
     self.writer = None
     if enabled:
       from tensorboardX import SummaryWriter
@@ -228,7 +257,8 @@ class RunFiles:
       f.flush()
       os.fsync(f.fileno())
     self._optional("TensorBoard events", lambda: self.write_events(row))
-    self._optional("plots", self.plot)
+    if time.monotonic() - self.plotted_at >= self.plot_interval_seconds:
+      self._optional("plots", self.plot)
 
   @staticmethod
   def _csv_text(rows: list[dict], header: bool = True) -> str:
@@ -242,7 +272,7 @@ class RunFiles:
   def write_events(self, row: dict) -> None:
     """Adds the row's values to the TensorBoard events, at the epoch's number counted from 1."""
     for name, value in row.items():
-      if name != "epoch":
+      if name != "epoch" and np.isfinite(value):  # NaN: a split this epoch did not evaluate
         self.writer.add_scalar(name, value, int(row["epoch"]) + 1)
     self.writer.flush()
 
@@ -259,12 +289,17 @@ class RunFiles:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    self.plotted_rows, self.plotted_at = len(self.rows), time.monotonic()
     epochs = [row["epoch"] + 1 for row in self.rows]
     for name, (ylabel, columns) in epoch_row.PLOT_PANELS.items():
       fig, ax = plt.subplots(figsize=(6, 4))
       try:
         for column in columns:
-          ax.plot(epochs, [row[column] for row in self.rows], label=column, marker="." if len(self.rows) < 30 else None)
+          # Epochs whose split was not evaluated are NaN (holdout_* without a validation split; val_* between
+          # test evaluations): each line joins the epochs that have a value.
+          points = [(epoch, row[column]) for epoch, row in zip(epochs, self.rows) if np.isfinite(row[column])]
+          if points:
+            ax.plot(*zip(*points), label=column, marker="." if len(points) < 30 else None)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -275,5 +310,8 @@ class RunFiles:
         plt.close(fig)
 
   def close(self):
+    """Draws the plots of rows not plotted yet, and closes the events."""
+    if self.enabled and self.rows and self.plotted_rows != len(self.rows):
+      self._optional("plots", self.plot)
     if self.writer is not None:
       self._optional("TensorBoard events", self.writer.close)

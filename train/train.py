@@ -17,6 +17,7 @@ epoch's row of metrics.csv (columns, running totals, plots) in `epoch_row.py`.
 
 import collections
 import concurrent.futures
+import functools
 import itertools
 import os
 import signal
@@ -244,7 +245,8 @@ class Experiment(NamedTuple):
     train_step_shapes: ``() ->`` the shapes, dtypes and shardings of
       `train_step`'s arguments, to compile it before the state exists.
     train_batches: ``(epoch, start_step) ->`` the batches to give `train_step`, on the devices.
-    eval_step, eval_batches: likewise for evaluation (``eval_batches()``).
+    eval_step, evaluation_batches: likewise for evaluation: ``evaluation_batches`` maps ``"test"`` (the
+      dataset's test split) and, with ``config.validation_examples``, ``"validation"`` to ``() ->`` its batches.
   """
 
   data: input_pipeline.Data
@@ -259,7 +261,11 @@ class Experiment(NamedTuple):
   train_step_shapes: Callable[[], tuple]
   train_batches: Callable[[int, int], Iterator]
   eval_step: Callable
-  eval_batches: Callable[[], Iterator]
+  evaluation_batches: dict[str, Callable[[], Iterator]]
+
+  def eval_batches(self) -> Iterator:
+    """The test split's batches, on the devices."""
+    return self.evaluation_batches["test"]()
 
 
 class Inputs(NamedTuple):
@@ -313,6 +319,9 @@ def open_data(config: ml_collections.ConfigDict) -> input_pipeline.Data:
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     train_examples=config.train_examples,
+    validation_examples=config.validation_examples,
+    label_noise=config.label_noise,
+    label_noise_kind=config.label_noise_kind,
     augment=config.augment,
   )
 
@@ -391,8 +400,19 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
     train_step_shapes=lambda: (state_shapes, totals, inputs.shapes()),
     train_batches=inputs.batches,
     eval_step=normalized_eval_step,
-    eval_batches=lambda: prefetch_to_device(data.eval_batches(), host_fed_to_global(batch_sharding)),
+    evaluation_batches=evaluation_batches(data, batch_sharding),
   )
+
+
+def evaluation_batches(data: input_pipeline.Data, batch_sharding: NamedSharding) -> dict[str, Callable[[], Iterator]]:
+  """`{"test": () -> batches, "validation": ...}`: the splits evaluated after every epoch, on the devices."""
+  to_global = host_fed_to_global(batch_sharding)
+  splits = {"test": data.eval, "validation": data.validation}
+  return {
+    name: functools.partial(lambda split: prefetch_to_device(data.evaluation_batches(split), to_global), split)
+    for name, split in splits.items()
+    if split is not None
+  }
 
 
 def host_fed_to_global(batch_sharding: NamedSharding) -> Callable:
@@ -401,12 +421,33 @@ def host_fed_to_global(batch_sharding: NamedSharding) -> Callable:
 
 
 def evaluate(eval_step, state, batches: Iterator[dict]) -> tuple[float, float]:
-  totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-  for batch in batches:
-    sums = jax.device_get(eval_step(state, batch))
-    for k in totals:
-      totals[k] += float(sums[k])
+  """`(mean loss, accuracy)` over the batches; their sums are fetched once, at the end, not batch by batch."""
+  sums = jax.device_get([eval_step(state, batch) for batch in batches])
+  totals = {name: sum(float(batch_sums[name]) for batch_sums in sums) for name in ("loss_sum", "correct", "count")}
   return totals["loss_sum"] / totals["count"], totals["correct"] / totals["count"]
+
+
+def evaluate_epoch(experiment: Experiment, state, epoch: int, config, rows: list[dict]) -> dict:
+  """`{split: (loss, accuracy)}` of the splits evaluated after `epoch`.
+
+  The validation split, where there is one, after every epoch. The test
+  split after every `config.test_every_epochs`-th epoch, the last, and every
+  epoch whose validation accuracy is higher than that of every earlier epoch
+  (`rows`), so that the test accuracy of the best-validation epoch is always
+  known.
+  """
+  batches = experiment.evaluation_batches
+  evaluations = {}
+  if "validation" in batches:
+    evaluations["validation"] = evaluate(experiment.eval_step, state, batches["validation"]())
+  best_before = max((row["holdout_acc"] for row in rows if np.isfinite(row["holdout_acc"])), default=-np.inf)
+  if (
+    (epoch + 1) % config.test_every_epochs == 0
+    or epoch == config.num_epochs - 1
+    or ("validation" in evaluations and evaluations["validation"][1] > best_before)
+  ):
+    evaluations["test"] = evaluate(experiment.eval_step, state, batches["test"]())
+  return evaluations
 
 
 class RunClock:
@@ -464,18 +505,19 @@ class EpochLog:
     self.train_seconds = time.time() - self.start
     self.bar.close()
 
-  def row(self, totals: dict, val_loss: float, val_acc: float, wall_time: float) -> dict:
+  def row(self, totals: dict, evaluations: dict, wall_time: float) -> dict:
     """The epoch's CSV row (`epoch_row.row`), with the throughput of the steps this process ran."""
     # NaN for an epoch that a resumed run only evaluated (its end-of-epoch checkpoint lacked its row).
     images_per_sec = self.steps_run * self.config.batch_size / self.train_seconds if self.steps_run else np.nan
-    return epoch_row.row(self.epoch, totals, val_loss, val_acc, images_per_sec=images_per_sec, wall_time=wall_time)
+    return epoch_row.row(self.epoch, totals, evaluations, images_per_sec=images_per_sec, wall_time=wall_time)
 
   def report(self, row: dict) -> None:
     if self.show:
+      validation = "" if np.isnan(row["holdout_acc"]) else f" | validation acc {row['holdout_acc']:.4f}"
+      test = "" if np.isnan(row["val_acc"]) else f" | test loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
       tqdm.write(
         f"epoch {self.epoch + 1}/{self.config.num_epochs}: train loss {row['train_loss']:.4f}"
-        f" acc {row['train_acc']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
-        f" | lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s"
+        f" acc {row['train_acc']:.4f}{validation}{test} | lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s"
       )
 
 
@@ -623,8 +665,8 @@ def train_loop(
         checkpoints.save(state, totals, history)  # with the epoch's running totals: the resumed run ends it
         break
       # A stop after the epoch's last step still evaluates it, so that its checkpoint holds its row.
-      val_loss, val_acc = evaluate(experiment.eval_step, state, experiment.eval_batches())
-      last_row = log.row(totals, val_loss, val_acc, wall_time=clock.wall_time())
+      evaluations = evaluate_epoch(experiment, state, epoch, config, files.rows)
+      last_row = log.row(totals, evaluations, wall_time=clock.wall_time())
       history = record_epoch(files, checkpoints, history, state, totals, last_row)
       log.report(last_row)
       warning = breakdown_warning(last_row, config)
@@ -686,6 +728,7 @@ def train_and_evaluate(
         if config.overwrite:
           run_files.clear_run(workdir)
         run_files.write_config(config, workdir)
+        run_files.write_data_description(experiment.data, workdir)
       return train_loop(config, workdir, experiment, signals, is_writer=is_writer, invocation_start=invocation_start)
     finally:
       lock.release()

@@ -22,6 +22,15 @@ def get_config() -> ml_collections.ConfigDict:
   # ($TFDS_DATA_DIR or ~/tensorflow_datasets, then train/idx.py's search_roots for the IDX files).
   config.data_dir = config_dict.placeholder(str)
   config.train_examples = config_dict.placeholder(int)  # None: the whole training split; N: a fixed balanced subset
+  # N: a fixed, class-balanced part of the training split held out as the validation split, the same for every seed
+  # and method, evaluated each epoch beside the test split (metrics.csv: holdout_*; val_* is the test split).
+  config.validation_examples = config_dict.placeholder(int)
+  # r: each training and validation label (never a test label) is wrong with probability r, drawn from (seed, index).
+  config.label_noise = 0.0
+  config.label_noise_kind = "symmetric"  # symmetric (any other class) | pairflip (class c becomes c + 1)
+  # k: evaluate the test split after every k-th epoch, the last, and each epoch with the best validation accuracy
+  # so far (the others' val_* are NaN); the validation split is evaluated after every epoch.
+  config.test_every_epochs = 1
   config.augment = config_dict.placeholder(str)  # None: the dataset's own; cifar | cutout | flip_cutout | none
   config.batch_size = 128  # global, over all devices and hosts
   config.eval_batch_size = 512
