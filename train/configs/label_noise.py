@@ -32,6 +32,9 @@ The commands (a workdir outside the repository; rerun to resume):
   python train/compare.py --config train/configs/label_noise.py:0.0 --seeds 10 \\
       --methods sgd,sam,aace_sam,aace_sam:normalize=True:rho=0.05,sam:rho=0.59,aace_sam:normalize=True:rho=0.59 \\
       --baseline sgd,sam,sam:rho=0.59 --workdir runs/label_noise/0.0
+  python train/compare.py --config train/configs/label_noise.py:0.2 --seeds 10 \\
+      --methods sgd,sam,aace_sam,aace_sam:normalize=True:rho=0.05,sam:rho=0.48,aace_sam:normalize=True:rho=0.48 \\
+      --baseline sgd,sam,sam:rho=0.48 --workdir runs/label_noise/0.2
   python train/compare.py --config train/configs/label_noise.py:0.4 --seeds 10 \\
       --methods sgd,sam,aace_sam,aace_sam:normalize=True:rho=0.05,sam:rho=0.43,aace_sam:normalize=True:rho=0.43 \\
       --baseline sgd,sam,sam:rho=0.43 --workdir runs/label_noise/0.4
@@ -40,7 +43,7 @@ The commands (a workdir outside the repository; rerun to resume):
 from train.configs import default
 
 # AACE-SAM's mean perturbation norm in each regime, from the pilot runs (seed 1000, rho 0.2), to two digits.
-PILOT_RADIUS = {"0.0": 0.59, "0.4": 0.43}
+PILOT_RADIUS = {"0.0": 0.59, "0.2": 0.48, "0.4": 0.43}
 
 
 def get_config(noise: str = "0.4"):
