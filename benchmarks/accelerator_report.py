@@ -28,7 +28,12 @@ install it. Then the parts run, each in its own processes, in this order:
   (the cached process is what a resumed run pays, less the init, which a
   resume replaces with its restore);
 - `vs_pytorch`: `benchmarks/vs_pytorch.py` when torch imports, else a line
-  saying so.
+  saying so;
+- `seeds`: `benchmarks/run_time.py seeds`, the label-noise comparison's
+  network and SAM step for 1 seed and for 2, 4 and 8 seeds vmapped in one
+  program (each on the same batch, and each on its own), per seed: whether
+  an accelerator runs a comparison's seeds faster together than one after
+  another (on the 2-core CPU it does not).
 
 The compilation caches start empty (a new folder per run). `--budget`
 seconds bound the whole run: the sizes (timed steps, trainer epochs) shrink
@@ -65,7 +70,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import step_time  # noqa: E402 (a sibling script, importable once its folder is on the path)
 
-PARTS = ("step_time", "mfu", "norms", "trainer", "first_step", "vs_pytorch")
+PARTS = ("step_time", "mfu", "norms", "trainer", "first_step", "vs_pytorch", "seeds")
 BEGIN, END = "<!-- accelerator-report:begin -->", "<!-- accelerator-report:end -->"
 INSTALL = 'pip install -U "jax[cuda12]" -e ".[train]"  (and, for the PyTorch part, pip install torch)'
 STEP_METHODS = step_time.METHODS
@@ -82,6 +87,7 @@ SIZES = {
     "num_train": 256 * 40,
     "epochs": 3,
     "first_step": [("pyramidnet272", 64), ("wrn28_10_authors", 256)],
+    "seeds": "2,4,8",
   },
   "smoke": {
     "model": "small_cnn",
@@ -92,6 +98,7 @@ SIZES = {
     "num_train": 8 * 8,
     "epochs": 2,
     "first_step": [("small_cnn", 8)],
+    "seeds": "2",
   },
 }
 
@@ -367,7 +374,7 @@ def measure(args) -> dict:
     run.part("norms", run.child([__file__, "--part", "norms", "--out", str(run.out), *smoke], needs=15))
     trainer = {}
     for mode in ("host_fed", "data_on_device"):
-      command = [str(HERE / "input_pipeline.py"), "--model", sizes["model"], "--optimizer", "aace_sam"]
+      command = [str(HERE / "input_pipeline.py"), "--model", sizes["model"], "--method", "aace_sam"]
       command += ["--dtype", "bfloat16", "--batch", str(sizes["batch"]), "--num_train", str(sizes["num_train"])]
       command += ["--epochs", str(sizes["epochs"]), "--json"] + (
         ["--data_on_device"] if mode == "data_on_device" else []
@@ -376,7 +383,7 @@ def measure(args) -> dict:
       run.part("trainer", dict(trainer))
     first_step = {}
     for model, batch in sizes["first_step"]:
-      command = [str(HERE / "first_step.py"), "--model", model, "--batch", str(batch), "--optimizer", "aace_sam"]
+      command = [str(HERE / "first_step.py"), "--model", model, "--batch", str(batch), "--method", "aace_sam"]
       first_step[model] = run.child([*command, "--json"], needs=60)
       run.part("first_step", dict(first_step))
     if checked["torch"]:
@@ -385,6 +392,9 @@ def measure(args) -> dict:
       run.part("vs_pytorch", run.child([*command, "--steps", str(min(sizes["steps"], 10)), "--json"], needs=90))
     else:
       run.part("vs_pytorch", {"status": "skipped", "reason": "torch is not importable here (pip install torch)"})
+    command = [str(HERE / "run_time.py"), "seeds", "--config", str(HERE.parent / "train/configs/label_noise.py:0.4")]
+    command += ["--method", "sam", "--seeds", sizes["seeds"], "--rounds", str(sizes["steps"]), "--json"]
+    run.part("seeds", run.child(command, needs=60))
     run.report["finished"] = True
     run.save()
     return run.report
@@ -516,6 +526,18 @@ def vs_pytorch_markdown(part: dict) -> list:
   return lines + [""]
 
 
+def seeds_markdown(part: dict) -> list:
+  lines = ["### Seeds in one program (`jax.vmap`), SAM, the label-noise comparison's network", ""]
+  if part.get("status") != "ok":
+    return lines + [not_measured(part), ""]
+  one = part["seconds_per_seed_step"]["one seed"]
+  lines += ["| variant | s/step | s/step per seed | per seed x one seed |", "| --- | --- | --- | --- |"]
+  for name, seconds in part["seconds_per_step"].items():
+    per_seed = part["seconds_per_seed_step"][name]
+    lines.append(f"| {name} | {seconds:.5f} | {per_seed:.5f} | {per_seed / one:.2f} |")
+  return lines + [""]
+
+
 def markdown(report: dict) -> str:
   """The report as the accelerator sections of RESULTS.md."""
   machine, parts = report["machine"], report["parts"]
@@ -537,6 +559,7 @@ def markdown(report: dict) -> str:
   lines += trainer_markdown(parts)
   lines += first_step_markdown(parts)
   lines += vs_pytorch_markdown(parts.get("vs_pytorch", {}))
+  lines += seeds_markdown(parts.get("seeds", {}))
   return "\n".join(lines).rstrip() + "\n"
 
 
@@ -562,11 +585,12 @@ def check_complete(report: dict, text: str) -> None:
     for key in keys
     if parts.get(name, {}).get(key, {}).get("status") != "ok"
   ]
-  failed += [name for name in ("mfu", "norms") if parts.get(name, {}).get("status") != "ok"]
+  failed += [name for name in ("mfu", "norms", "seeds") if parts.get(name, {}).get("status") != "ok"]
   failed += [f"first_step:{model}" for model, part in parts.get("first_step", {}).items() if part["status"] != "ok"]
   if parts.get("vs_pytorch", {}).get("status") not in ("ok", "skipped"):
     failed.append("vs_pytorch")
   headings = ("### Step time", "### Utilization", "### A global norm", "### The trainer", "### Time to the first")
+  headings += ("### Seeds in one program",)
   unshown = [heading for heading in headings if heading not in text]
   if missing or failed or unshown:
     raise SystemExit(f"incomplete report: parts missing {missing}, failed {failed}, not in the markdown {unshown}")

@@ -1,7 +1,7 @@
 """Time to the first step: parameter init, trace, lowering and compile of the trainer's step, cold and cached.
 
     python benchmarks/first_step.py --model wrn28_10 --batch 256 --json
-    python benchmarks/first_step.py --model pyramidnet272 --batch 64 --optimizer aace_sam --json
+    python benchmarks/first_step.py --model pyramidnet272 --batch 64 --method aace_sam --json
 
 Each measurement runs in a fresh process (nothing compiled in memory), twice
 over one new persistent compilation cache: `cold` fills it, `cached` is what
@@ -31,12 +31,15 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import timing  # noqa: E402 (a sibling module, importable once its folder is on the path)
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="wrn16_4", help="a model name of train/models.py")
-  parser.add_argument("--optimizer", default="aace_sam", choices=("sgd", "sam", "aace_sam", "asam"))
+  timing.add_method_argument(parser, default="aace_sam")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--dataset", default="cifar100", help="the shape and classes of the inputs")
@@ -45,6 +48,7 @@ def parse_args(argv=None):
   parser.add_argument("--json", action="store_true", help="print only the JSON object")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # one timed process
   args = parser.parse_args(argv)
+  timing.take_old_method(args)
   if args.batch < 1:
     parser.error(f"--batch must be positive, got {args.batch}")
   return args
@@ -62,7 +66,7 @@ def one_process(args) -> dict:
   from train.configs import default
 
   config = default.get_config()
-  config.dataset, config.model, config.method, config.dtype = args.dataset, args.model, args.optimizer, args.dtype
+  config.dataset, config.model, config.method, config.dtype = args.dataset, args.model, args.method, args.dtype
   config.batch_size = config.eval_batch_size = args.batch
   config.compilation_cache_dir = args.cache_dir
   compilation_cache.enable(config)
@@ -121,8 +125,8 @@ def run_child(args, cache_dir: str) -> dict:
     "--child",
     "--model",
     args.model,
-    "--optimizer",
-    args.optimizer,
+    "--method",
+    args.method,
     "--dtype",
     args.dtype,
     "--batch",
@@ -152,7 +156,7 @@ def main(argv=None):
     cached = run_child(args, cache_dir)
   report = {
     "model": args.model,
-    "optimizer": args.optimizer,
+    "method": args.method,
     "dtype": args.dtype,
     "batch": args.batch,
     "dataset": args.dataset,

@@ -1,7 +1,7 @@
 """What the host adds to every step: the input pipeline, and the trainer against its compiled step alone.
 
     python benchmarks/input_pipeline.py --json
-    python benchmarks/input_pipeline.py --model wrn28_10 --optimizer aace_sam --dtype bfloat16 --json   # a GPU
+    python benchmarks/input_pipeline.py --model wrn28_10 --method aace_sam --dtype bfloat16 --json   # a GPU
 
 On `--num_train` random CIFAR-shaped uint8 images held in memory (32x32x3,
 100 classes, the cifar100 augmentation), batch `--batch`:
@@ -31,12 +31,15 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import timing  # noqa: E402 (a sibling module, importable once its folder is on the path)
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default="linear", help="a model name of train/models.py")
-  parser.add_argument("--optimizer", default="sgd", choices=("sgd", "sam", "aace_sam", "asam"))
+  timing.add_method_argument(parser, default="sgd")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--num_train", type=int, default=50_000, help="training images held in memory")
@@ -44,6 +47,7 @@ def parse_args(argv=None):
   parser.add_argument("--data_on_device", action="store_true", help="the trainer's split-on-device mode")
   parser.add_argument("--json", action="store_true", help="print only the JSON object")
   args = parser.parse_args(argv)
+  timing.take_old_method(args)
   if args.batch < 1 or args.num_train < args.batch or args.epochs < 2:
     parser.error(
       f"need --batch >= 1, --num_train >= --batch and --epochs >= 2; got {args.batch}, {args.num_train}, {args.epochs}"
@@ -81,7 +85,7 @@ def trainer_config(args):
 
   config = default.get_config()
   config.dataset = "cifar100"
-  config.model, config.method, config.dtype = args.model, args.optimizer, args.dtype
+  config.model, config.method, config.dtype = args.model, args.method, args.dtype
   config.batch_size = config.eval_batch_size = args.batch
   config.num_epochs = args.epochs
   config.log_every_steps = 50
@@ -151,7 +155,7 @@ def main(argv=None):
   step = step_images_per_sec(args, data)
   report = {
     "model": args.model,
-    "optimizer": args.optimizer,
+    "method": args.method,
     "dtype": args.dtype,
     "batch": args.batch,
     "num_train": args.num_train,

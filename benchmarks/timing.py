@@ -1,9 +1,11 @@
 """What the step benchmarks share: steps timed round-robin, and the peak memory of a run alone in a child process."""
 
+import argparse
 import json
 import subprocess
 import sys
 import time
+import warnings
 from typing import Callable
 from typing import Optional
 
@@ -34,3 +36,24 @@ def child_peak_bytes(script: str, arguments: list[str]) -> tuple[Optional[int], 
   if result.returncode != 0:
     return None, result.stderr
   return json.loads(result.stdout.strip().splitlines()[-1])["peak_bytes"], result.stderr
+
+
+METHODS = ("sgd", "sam", "aace_sam", "asam")
+
+
+def add_method_argument(parser, default: str) -> None:
+  """`--method` (the trainer's training method); `--optimizer`, its old name, still taken with a warning."""
+  parser.add_argument("--method", default=default, choices=METHODS, help="the trainer's method (config.method)")
+  parser.add_argument("--optimizer", dest="old_method", choices=METHODS, help=argparse.SUPPRESS)
+
+
+def take_old_method(args) -> None:
+  """Moves a value given as `--optimizer` into `args.method`, with a FutureWarning naming the new flag."""
+  if args.old_method is not None:
+    warnings.warn(
+      f"--optimizer is deprecated and will be removed: it is now --method (--method {args.old_method}).",
+      FutureWarning,
+      stacklevel=2,
+    )
+    args.method = args.old_method
+  del args.old_method

@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "step_time.py"
 
 
@@ -140,3 +142,45 @@ def test_the_alignment_benchmark_writes_a_cosine_per_epoch_and_lag(tmp_path):
 
   refused = subprocess.run(command[:3] + ["--lags=0"], capture_output=True, text=True)
   assert refused.returncode == 1 and "--lags must be positive step counts" in refused.stderr
+
+
+def test_the_old_optimizer_flag_still_names_the_method_with_a_warning():
+  sys.path.insert(0, str(SCRIPT.parent))
+  import first_step
+  import input_pipeline
+
+  for script in (first_step, input_pipeline):
+    assert script.parse_args(["--method", "sam"]).method == "sam"
+    with pytest.warns(FutureWarning, match=r"--optimizer is deprecated .* it is now --method \(--method asam\)"):
+      assert script.parse_args(["--optimizer", "asam"]).method == "asam"
+
+
+def test_a_runs_time_is_broken_down_and_vmapped_seeds_are_timed_per_seed():
+  script = SCRIPT.parent / "run_time.py"
+  config = str(SCRIPT.parents[1] / "train" / "configs" / "default.py")
+  common = ["--config", config, "--method", "sam", "--json"]
+  result = subprocess.run(
+    [sys.executable, str(script), "breakdown", *common, "--epochs", "2", "--set", "test_every_epochs=2"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["changes"] == ["test_every_epochs=2"] and report["steps"] == 2 * (1438 // 128)
+  parts = report["seconds"]
+  assert {"training steps after the first", "evaluation of the test split", "plots", "imports"} <= set(parts)
+  # The parts are measured inside the run and add up to its whole time, "other" holding what none measured.
+  assert sum(parts.values()) == pytest.approx(report["total_seconds"])
+  assert all(seconds >= 0 for seconds in parts.values())
+  result = subprocess.run(
+    [sys.executable, str(script), "seeds", *common, "--seeds", "2", "--rounds", "2"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  per_step, per_seed = report["seconds_per_step"], report["seconds_per_seed_step"]
+  assert set(per_step) == {"one seed", "2 seeds, same batch", "2 seeds, own batches"}
+  assert per_seed["2 seeds, own batches"] == pytest.approx(per_step["2 seeds, own batches"] / 2)

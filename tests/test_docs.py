@@ -130,6 +130,8 @@ def test_shell_command(line):
       dataset = words[2]
       assert dataset in input_pipeline.DATASETS
       assert "--file_format=array_record" in words
+    elif words[:2] == ["python", "train/plot_comparisons.py"]:
+      load_script(REPO / words[1], "plot_comparisons").parse_args(words[2:])
     elif words[:2] == ["python", "examples/language_model.py"]:
       # Run in tests/test_language_model_example.py; its arguments are checked here.
       load_script(REPO / words[1], "language_model").parse_args(words[2:])
@@ -142,6 +144,7 @@ def test_shell_command(line):
       "benchmarks/vs_pytorch.py",
       "benchmarks/accelerator_report.py",
       "benchmarks/norm_forms.py",
+      "benchmarks/run_time.py",
     ):
       sys.path.insert(0, str(REPO / "benchmarks"))
       script = importlib.import_module(pathlib.Path(words[1]).stem)

@@ -174,17 +174,3 @@ def test_a_damaged_file_stops_the_trainer_in_one_line_with_nothing_written(tmp_p
   )
   assert "Traceback" not in result.stderr
   assert not workdir.exists()
-
-
-def test_the_training_subset_is_balanced_and_the_same_for_every_seed():
-  labels = np.repeat(np.arange(10), [50, 50, 50, 50, 50, 50, 50, 50, 50, 5])  # class 9 is short
-  split = ip.Split(np.arange(len(labels))[:, None, None, None], labels.astype(np.int32))  # image = its index
-  subset = ip.balanced_subset(split, 95, 10, "toy")
-  assert np.bincount(subset.labels, minlength=10).tolist() == [10] * 9 + [5]
-  again = ip.balanced_subset(split, 95, 10, "toy")
-  np.testing.assert_array_equal(subset.images, again.images)
-  # Each kept image still carries its own label.
-  np.testing.assert_array_equal(labels[subset.images[:, 0, 0, 0]], subset.labels)
-  assert np.bincount(ip.balanced_subset(split, 20, 10, "toy").labels).tolist() == [2] * 10
-  with pytest.raises(ip.DataMismatch, match="train_examples 456 is not between 1 and the 455 training examples"):
-    ip.balanced_subset(split, 456, 10, "toy")

@@ -332,3 +332,23 @@ def test_a_checkpoint_unreadable_for_its_permissions_is_kept_and_named(tmp_path,
   )
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["22", "44"]
   assert [int(r["epoch"]) for r in read_csv(workdir)] == [0, 1]
+
+
+def test_a_checkpoint_written_before_the_validation_columns_resumes(tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  train.train_and_evaluate(small_config(), straight)
+  train.train_and_evaluate(small_config(halt_after_epochs=1), resumed)
+  # The halted run's checkpoint as a trainer without holdout_* columns wrote it: its history one column pair short.
+  manager = ocp.CheckpointManager(
+    os.path.abspath(os.path.join(resumed, "checkpoints")), item_handlers=ocp.StandardCheckpointHandler()
+  )
+  step, tree = latest_checkpoint(resumed)
+  keep = [i for i, column in enumerate(epoch_row.HISTORY_COLUMNS) if not column.startswith("holdout_")]
+  tree["history"] = tree["history"][:, keep]
+  manager.delete(step)
+  manager.save(step, args=ocp.args.StandardSave(tree))
+  manager.wait_until_finished()
+  manager.close()
+  train.train_and_evaluate(small_config(), resumed)
+  assert_same_checkpoint(straight, resumed)
+  assert [row["val_acc"] for row in read_csv(straight)] == [row["val_acc"] for row in read_csv(resumed)]

@@ -102,10 +102,26 @@ def _to_tree(state: aace_jax.TrainState, totals: dict, history: np.ndarray) -> d
   return {**state._replace(rng=jax.random.key_data(state.rng))._asdict(), "epoch_totals": totals, "history": history}
 
 
+# The history's columns in checkpoints written before the validation split's columns existed.
+HISTORY_COLUMNS_WITHOUT_HOLDOUT = tuple(column for column in HISTORY_COLUMNS if not column.startswith("holdout_"))
+
+
+def current_history(history: np.ndarray) -> np.ndarray:
+  """`history` with the columns of `HISTORY_COLUMNS`: one of an older checkpoint gets NaN validation columns,
+  so that a run started before they existed resumes (orbax restores an array in the shape it stored)."""
+  history = np.asarray(history)
+  if history.shape[1] != len(HISTORY_COLUMNS_WITHOUT_HOLDOUT):
+    return history
+  upgraded = np.full((len(history), len(HISTORY_COLUMNS)), np.nan)
+  for index, column in enumerate(HISTORY_COLUMNS_WITHOUT_HOLDOUT):
+    upgraded[:, HISTORY_COLUMNS.index(column)] = history[:, index]
+  return upgraded
+
+
 def _from_tree(tree: dict):
   fields = {name: tree[name] for name in aace_jax.TrainState._fields}
   state = aace_jax.TrainState(**{**fields, "rng": jax.random.wrap_key_data(fields["rng"])})
-  return state, tree["epoch_totals"], np.asarray(tree["history"])
+  return state, tree["epoch_totals"], current_history(tree["history"])
 
 
 class Checkpoints:

@@ -8,10 +8,8 @@ where outputs and checkpoints go (rerun the same command to resume).
 
 import os
 import pathlib
-import re
 import sys
 import time
-import traceback
 
 if __package__ in (None, ""):  # run as a script: make `train` and `aace_jax` importable
   sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
@@ -20,14 +18,12 @@ import jax  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from train import checkpointing  # noqa: E402
+from train import command_line  # noqa: E402
 from train import compilation_cache  # noqa: E402
 from train import config_checks  # noqa: E402
 from train import train  # noqa: E402
-
-DEFAULT_CONFIG = str(pathlib.Path(__file__).resolve().parent / "configs" / "default.py")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for outputs and checkpoints; default: a new folder under ./runs/.")
@@ -36,14 +32,7 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for --
 flags.DEFINE_integer("num_processes", None, "Number of processes, for --multihost outside TPU/SLURM.")
 flags.DEFINE_integer("process_id", None, "This process's index, for --multihost outside TPU/SLURM.")
 flags.DEFINE_bool("dry_run", False, "Check the command and the config, print the config, and exit.")
-try:  # ml_collections applies --config.FIELD overrides here, as the flag is defined
-  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "A config file with get_config().", lock_config=True)
-except (KeyError, AttributeError) as unknown_field:
-  suggestion = re.search(r"Did you mean \S+ instead of \S+\?", str(unknown_field))
-  sys.exit(
-    f"error: unknown config field in {' '.join(a for a in sys.argv[1:] if a.startswith('--config'))}"
-    f"{'; ' + suggestion.group(0) if suggestion else ''}"
-  )
+command_line.define_config_flag("A config file with get_config().")
 
 
 def cluster_detected() -> bool:
@@ -63,7 +52,7 @@ def main(argv):
   except config_checks.ConfigError as error:
     sys.exit(f"error: {error}")
   except Exception as error:  # whatever the config file raised
-    sys.exit(f"error: {config_checks.config_file_error(error, config_path(sys.argv))}")
+    sys.exit(f"error: {config_checks.config_file_error(error, command_line.config_path(sys.argv))}")
   if FLAGS.dry_run:
     try:
       config_checks.check_config(config, device_count=None)
@@ -111,29 +100,5 @@ def main(argv):
     )
 
 
-def config_path(argv) -> str:
-  """The `--config` file named in `argv` (the default config when none is)."""
-  for index, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1]
-    if arg == "--config" and index + 1 < len(argv):
-      return argv[index + 1]
-  return DEFAULT_CONFIG
-
-
-def parse_flags(argv):
-  """absl's flag parsing, with a bad flag, config field (a typo, say) or config file reported in one line."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as error:
-    config_file = os.path.abspath(config_path(argv).split(":", 1)[0])
-    if not isinstance(error, flags.Error) and config_file in "".join(traceback.format_tb(error.__traceback__)):
-      sys.exit(f"error: {config_checks.config_file_error(error, config_path(argv))}")
-    message = str(error).strip().splitlines()
-    sys.exit(f"error: {message[-1] if message else type(error).__name__}")
-  except Exception as error:  # raised by the config file itself: a syntax error, an exception in get_config
-    sys.exit(f"error: {config_checks.config_file_error(error, config_path(argv))}")
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=command_line.parse_flags)

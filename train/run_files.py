@@ -46,8 +46,8 @@ class WorkdirLock:
   replaced) finds it no longer at the path and tries again.
   """
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "lock")
+  def __init__(self, workdir: str, name: str = "lock"):
+    self.path = os.path.join(workdir, name)
     self.holder = {"host": socket.gethostname(), "pid": os.getpid()}
     self.fd: Optional[int] = None
 
@@ -251,14 +251,18 @@ class RunFiles:
     self.rows.append(row)
     if not self.enabled:
       return
+    self.write_csv_row(row)
+    self._optional("TensorBoard events", lambda: self.write_events(row))
+    if time.monotonic() - self.plotted_at >= self.plot_interval_seconds:
+      self._optional("plots", self.plot)
+
+  def write_csv_row(self, row: dict) -> None:
+    """Appends `row` to the CSV (with the header, in a new file) and syncs it to disk."""
     new_file = not os.path.exists(self.csv_path)
     with open(self.csv_path, "a", newline="") as f:
       f.write(self._csv_text([row], header=new_file))
       f.flush()
       os.fsync(f.fileno())
-    self._optional("TensorBoard events", lambda: self.write_events(row))
-    if time.monotonic() - self.plotted_at >= self.plot_interval_seconds:
-      self._optional("plots", self.plot)
 
   @staticmethod
   def _csv_text(rows: list[dict], header: bool = True) -> str:
