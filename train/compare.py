@@ -176,7 +176,7 @@ def run_unfinished(runs: list[PlannedRun], *, announce: bool) -> None:
       result = train.train_and_evaluate(run.config, run.run_dir)
     finally:
       claim.release()
-    if result["stopped_by"] in train.SIGNAL_STOPS and not result["finished"]:
+    if result["stopped_by"] in train.SIGNAL_STOPS:  # finished or not: the next run must not start
       train.ignore_stop_signals()
       sys.exit(f"stopped by {result['stopped_by']} in {run.run_dir}; rerun the same command to resume the comparison.")
     if announce:

@@ -729,6 +729,9 @@ def train_and_evaluate(
           run_files.clear_run(workdir)
         run_files.write_config(config, workdir)
         run_files.write_data_description(experiment.data, workdir)
-      return train_loop(config, workdir, experiment, signals, is_writer=is_writer, invocation_start=invocation_start)
+      result = train_loop(config, workdir, experiment, signals, is_writer=is_writer, invocation_start=invocation_start)
+      # A signal after the last step's check (during the last evaluation, say) still asks the caller to stop:
+      # a comparison must not start its next run.
+      return {**result, "stopped_by": result["stopped_by"] or signals.received}
     finally:
       lock.release()
