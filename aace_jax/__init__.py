@@ -20,6 +20,7 @@ from aace_jax._sam import aace_sam
 from aace_jax._sam import named_weights
 from aace_jax._sam import sam
 from aace_jax._train_step import ApplyFn
+from aace_jax._train_step import CompiledStep
 from aace_jax._train_step import LogitsFn
 from aace_jax._train_step import LossInputs
 from aace_jax._train_step import Step
@@ -34,6 +35,7 @@ __version__ = "0.2.0.dev0"
 __all__ = (
   "AACE_MODES",
   "ApplyFn",
+  "CompiledStep",
   "LogitsFn",
   "LossInputs",
   "SAMState",

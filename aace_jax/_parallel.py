@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from aace_jax._train_step import CompiledStep
 from aace_jax._train_step import Step
 
 
@@ -54,9 +55,20 @@ def pmap_step(step: Step, axis_name: Optional[str] = None) -> Callable:
   Returns:
     The pmapped step. Its state has a leading device axis (see
     :func:`replicate`); the batch's leading axis is ``[devices, per_device]``.
+    A train step whose ``tx`` perturbs every ``k > 1`` updates is a
+    :class:`CompiledStep` of two pmapped programs, picked on the host.
   """
   axis = _mapped_axis("pmap_step", step, axis_name)
-  return jax.pmap(step.fn, axis_name=axis, donate_argnums=(0,) if step.returns_state else ())
+  return _compiled(step, lambda step: jax.pmap(step.fn, axis_name=axis, donate_argnums=_donated(step)))
+
+
+def _donated(step: Step) -> tuple:
+  return (0,) if step.returns_state else ()
+
+
+def _compiled(step: Step, compile: Callable[[Step], Callable]) -> Callable:
+  """`compile(step)`, as a `CompiledStep` where the step may have a perturbation cycle to run as two programs."""
+  return compile(step) if step.with_new_perturbation is None else CompiledStep(step, compile)
 
 
 def shard_step(step: Step, mesh: Mesh, data_axis: Optional[str] = None, *, state_sharding=None) -> Callable:
@@ -104,7 +116,8 @@ def shard_step(step: Step, mesh: Mesh, data_axis: Optional[str] = None, *, state
 
   Returns:
     The jitted step, ``(state, batch) -> (state, metrics)`` (or ``metrics``),
-    metrics replicated.
+    metrics replicated; for a ``tx`` that perturbs every ``k > 1`` updates,
+    a :class:`CompiledStep` of two such programs, picked on the host.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, aace_jax
@@ -132,23 +145,22 @@ def shard_step(step: Step, mesh: Mesh, data_axis: Optional[str] = None, *, state
   axis = _mapped_axis("shard_step", step, data_axis)
   if axis not in mesh.axis_names:
     raise ValueError(f"shard_step: mesh axes {mesh.axis_names} have no {axis!r}.")
-  mapped = jax.shard_map(
-    step.fn,
-    mesh=mesh,
-    in_specs=(P(), P(axis)),
-    out_specs=(P(), P()) if step.returns_state else P(),
-    check_vma=False,
-  )
-  compiled = jax.jit(mapped, donate_argnums=(0,) if step.returns_state else ())
   replicated = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P(axis))
 
-  def run(state, batch):
-    # No-ops for arrays already laid out this way (global arrays, the state
-    # returned by the previous step); places host or single-device arrays.
-    return compiled(jax.device_put(state, replicated), jax.device_put(batch, split))
+  def compile(step: Step) -> Callable:
+    out_specs = (P(), P()) if step.returns_state else P()
+    mapped = jax.shard_map(step.fn, mesh=mesh, in_specs=(P(), P(axis)), out_specs=out_specs, check_vma=False)
+    compiled = jax.jit(mapped, donate_argnums=_donated(step))
 
-  return run
+    def run(state, batch):
+      # No-ops for arrays already laid out this way (global arrays, the state
+      # returned by the previous step); places host or single-device arrays.
+      return compiled(jax.device_put(state, replicated), jax.device_put(batch, split))
+
+    return run
+
+  return _compiled(step, compile)
 
 
 def _sharded_state_step(step: Step, mesh: Mesh, data_axis: Optional[str], state_sharding) -> Callable:
@@ -184,24 +196,28 @@ def _sharded_state_step(step: Step, mesh: Mesh, data_axis: Optional[str], state_
   state_shardings = jax.tree.map(named, state_sharding, is_leaf=is_layout)
   replicated = NamedSharding(mesh, P())
   split = NamedSharding(mesh, P(data_axis))
-  compiled = jax.jit(
-    step.fn,
-    in_shardings=(state_shardings, split),
-    out_shardings=(state_shardings, replicated) if step.returns_state else replicated,
-    donate_argnums=(0,) if step.returns_state else (),
-  )
 
-  def run(state, batch):
-    try:
-      state = jax.device_put(state, state_shardings)
-    except ValueError as error:
-      raise ValueError(
-        f"shard_step: state_sharding does not fit the state: {jax.tree.structure(state_shardings, is_leaf=is_layout)}"
-        f" against {jax.tree.structure(state)}."
-      ) from error
-    return compiled(state, jax.device_put(batch, split))
+  def compile(step: Step) -> Callable:
+    compiled = jax.jit(
+      step.fn,
+      in_shardings=(state_shardings, split),
+      out_shardings=(state_shardings, replicated) if step.returns_state else replicated,
+      donate_argnums=_donated(step),
+    )
 
-  return run
+    def run(state, batch):
+      try:
+        state = jax.device_put(state, state_shardings)
+      except ValueError as error:
+        raise ValueError(
+          "shard_step: state_sharding does not fit the state:"
+          f" {jax.tree.structure(state_shardings, is_leaf=is_layout)} against {jax.tree.structure(state)}."
+        ) from error
+      return compiled(state, jax.device_put(batch, split))
+
+    return run
+
+  return _compiled(step, compile)
 
 
 def fsdp_sharding(tree, mesh: Mesh, axis: str = "data", *, min_size: int = 2**14):

@@ -28,6 +28,28 @@ GradFn = Callable[[optax.Params], Any]
 PerturbMask = Union[Any, Callable[[optax.Params], Any]]
 
 
+# SAMState's names in 0.1.0 and the fields that replaced them; the old ones still read, with a warning, until 0.3.0.
+RENAMED_STATE_FIELDS = {
+  "perturbed_loss": "loss_at_w_adv",
+  "perturbed_grad_norm": "grad_norm_at_w_adv",
+  "perturbation_grad_norm": "first_pass_grad_norm",
+}
+
+
+def _renamed_field(old: str) -> property:
+  new = RENAMED_STATE_FIELDS[old]
+
+  def read(state):
+    warnings.warn(
+      f"SAMState.{old} is deprecated and will be removed in aace-jax 0.3.0: read SAMState.{new}.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return getattr(state, new)
+
+  return property(read, doc=f"Deprecated: the 0.1.0 name of :attr:`{new}`.")
+
+
 class SAMState(NamedTuple):
   """State of :func:`aace_sam` and :func:`sam`.
 
@@ -67,6 +89,10 @@ class SAMState(NamedTuple):
   grad_norm_at_w_adv: jax.Array
   steps_since_perturbation: Any = ()
   kept_perturbation: Any = ()
+
+  perturbed_loss = _renamed_field("perturbed_loss")
+  perturbed_grad_norm = _renamed_field("perturbed_grad_norm")
+  perturbation_grad_norm = _renamed_field("perturbation_grad_norm")
 
 
 def find_states(opt_state: optax.OptState, kind) -> list:

@@ -9,6 +9,7 @@ compiled step is one XLA program with no host round trip.
 import dataclasses
 import functools
 import inspect
+import warnings
 from typing import Any
 from typing import Callable
 from typing import NamedTuple
@@ -17,6 +18,7 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from aace_jax import _checks
@@ -110,6 +112,38 @@ STEP_METRICS = (
 )
 
 
+# Step metrics renamed since 0.1.0, and their names now; the old keys still read, with a warning, until 0.3.0.
+RENAMED_METRICS = {
+  "perturbation_loss": "first_pass_loss",
+  "perturbed_loss": "loss_at_w_adv",
+  "perturbation_grad_norm": "first_pass_grad_norm",
+}
+
+
+class StepMetrics(dict):
+  """The metrics a train step returns: a dict (and a pytree, so it passes through ``jax.jit`` and the parallel
+  wrappers), whose keys renamed since 0.1.0 (`RENAMED_METRICS`) still read, with a ``DeprecationWarning``."""
+
+  def __missing__(self, key):
+    if key not in RENAMED_METRICS:
+      raise KeyError(key)
+    warnings.warn(
+      f"the step metric {key!r} is deprecated and will be removed in aace-jax 0.3.0: read"
+      f" metrics[{RENAMED_METRICS[key]!r}].",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return self[RENAMED_METRICS[key]]
+
+
+jax.tree_util.register_pytree_with_keys(
+  StepMetrics,
+  lambda metrics: ([(jax.tree_util.DictKey(k), v) for k, v in sorted(metrics.items())], sorted(metrics)),
+  lambda keys, values: StepMetrics(zip(keys, values)),
+  flatten_func=lambda metrics: ([v for _, v in sorted(metrics.items())], sorted(metrics)),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Step:
   """A pure step function and what the parallel wrappers need to know of it.
@@ -133,9 +167,72 @@ class Step:
   fn: Callable[..., Any]
   axis_name: Optional[str] = None
   returns_state: bool = True
+  with_new_perturbation: Optional[Callable[[bool], "Step"]] = None
 
   def __call__(self, state, batch):
     return self.fn(state, batch)
+
+  def jit(self, **jit_kwargs) -> "CompiledStep":
+    """The step compiled with ``jax.jit(fn, **jit_kwargs)``, as a :class:`CompiledStep`.
+
+    For a ``tx`` that perturbs every ``k > 1`` updates it holds two
+    programs, the update that computes a new perturbation and the one
+    between, and picks one on the host each step; any other step is one
+    program. ``jax.jit(step)`` instead compiles the one-program form.
+    """
+    return CompiledStep(self, lambda step: jax.jit(step.fn, **jit_kwargs))
+
+
+class CompiledStep:
+  """A :class:`Step` compiled: called as the step, ``compiled(state, batch) -> (state, metrics)``.
+
+  Where the step's ``tx`` perturbs every ``k > 1`` updates (``aace_sam(...,
+  perturb_every=k)``) and the step was built with ``new_perturbation=None``,
+  the update that computes a new perturbation and the update between (one
+  pass) are two compiled programs with no conditional, and each call runs
+  the one the optimizer state's counter asks for
+  (``SAMState.steps_since_perturbation``, one int32 read to the host per
+  step: a skipped non-finite step and a state restored in the middle of a
+  cycle are followed exactly). This is the fast form on every backend: XLA's
+  CPU backend runs backward convolutions inside a conditional several times
+  slower than outside one (``benchmarks/RESULTS.md``). Any other step, a
+  state with no counter, and a call under a trace (``jax.jit`` around the
+  compiled step) run the step as one program.
+
+  :meth:`Step.jit`, :func:`shard_step` and :func:`pmap_step` return one.
+  ``program(new_perturbation)`` is the program itself (None: the
+  one-program form), for a caller that knows from the step number which
+  update comes next, as the trainer does.
+
+  Args:
+    step: the :class:`Step`.
+    compile: ``compile(step) -> callable``, how a step becomes a program
+      (``jax.jit``, ``jax.pmap`` or ``jax.jit`` over ``jax.shard_map``).
+  """
+
+  def __init__(self, step: Step, compile: Callable[[Step], Callable]):
+    self.step, self._compile, self._programs = step, compile, {}
+    # Whether the states seen so far have a counter: a state without one keeps the one-program form without
+    # looking through its optimizer state again (the form is right for any state; only its speed differs).
+    self._cycles = step.with_new_perturbation is not None
+
+  def program(self, new_perturbation: Optional[bool] = None) -> Callable:
+    """The compiled program that always (True) / never (False) computes a new perturbation, or (None) the step
+    as built; each compiled once, when first asked for."""
+    if new_perturbation is not None and self.step.with_new_perturbation is None:
+      new_perturbation = None  # a step whose tx has no perturbation cycle: one program
+    if new_perturbation not in self._programs:
+      step = self.step if new_perturbation is None else self.step.with_new_perturbation(new_perturbation)
+      self._programs[new_perturbation] = self._compile(step)
+    return self._programs[new_perturbation]
+
+  def __call__(self, state, batch):
+    due = _sam.perturbation_due(getattr(state, "opt_state", None)) if self._cycles else None
+    if due is None:
+      self._cycles = False
+    if due is None or isinstance(due, jax.core.Tracer):
+      return self.program(None)(state, batch)
+    return self.program(bool(np.asarray(due).flat[0]))(state, batch)  # pmap: one counter per device, all equal
 
 
 def linen_apply_fn(module) -> ApplyFn:
@@ -302,6 +399,7 @@ class _StepSettings:
   grad_accum_steps: int
   perturbation_batch_fraction: float
   new_perturbation: Optional[bool]
+  conditional_first_pass: bool
   skip_nonfinite: bool
   extra_metrics: dict
 
@@ -473,8 +571,11 @@ def _first_pass(settings: _StepSettings, state: TrainState, batch, forward, loss
     return opt_state, due, run()
   if due is False:
     return opt_state, due, skipped()
-  # A conditional, not a select: between perturbations the first pass does not run.
-  return opt_state, due, jax.lax.cond(due, run, skipped)
+  if settings.conditional_first_pass:  # between perturbations the first pass does not run
+    return opt_state, due, jax.lax.cond(due, run, skipped)
+  # XLA's CPU backend runs backward convolutions inside a conditional several times slower than outside one: the
+  # pass runs every step, and its results are kept where the step perturbs anew.
+  return opt_state, due, jax.tree.map(lambda ran, zero: jnp.where(due, ran, zero), run(), skipped())
 
 
 def _sharpness_aware_update(settings: _StepSettings, state: TrainState, batch, forward, loss_rng) -> _Update:
@@ -586,7 +687,8 @@ def _train_step(settings: _StepSettings, state: TrainState, batch) -> tuple[Trai
   metrics["skipped_steps"] = 1 - finite.astype(jnp.float32) if settings.skip_nonfinite else jnp.zeros([])
   params, model_state, opt_state = new
   new_state = state._replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
-  return new_state, _average({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}, settings.axis_name)
+  metrics = _average({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}, settings.axis_name)
+  return new_state, StepMetrics(metrics)
 
 
 def make_train_step(
@@ -601,6 +703,7 @@ def make_train_step(
   grad_accum_steps: int = 1,
   perturbation_batch_fraction: float = 1.0,
   new_perturbation: Optional[bool] = None,
+  conditional_first_pass: Optional[bool] = None,
   skip_nonfinite: bool = True,
   extra_metrics: Optional[dict[str, PerExampleLoss]] = None,
 ) -> Step:
@@ -667,12 +770,18 @@ def make_train_step(
   BatchNorm statistics, ``loss`` and ``accuracy`` are then those of the
   first pass's examples. ``k = 1`` and ``f = 1`` are the step above, bit for
   bit. A skipped non-finite step (below) does not advance the k-cycle.
-  ``new_perturbation=True`` / ``False`` builds a step that always / never
-  computes a new perturbation, with no conditional: a caller that knows the
-  step number on the host alternates the two compiled steps (XLA's CPU
-  backend runs the backward convolutions inside a conditional far slower
-  than outside one, and XLA's GPU runtime may copy a conditional's
-  predicate to the host before it picks a branch).
+  Compile such a step with :meth:`Step.jit` (or :func:`shard_step`,
+  :func:`pmap_step`): the :class:`CompiledStep` they return holds the update
+  that perturbs anew and the update between as two programs with no
+  conditional, and runs the one the state's counter asks for. ``jax.jit``
+  of the step compiles one program for both: its first pass sits in a
+  ``jax.lax.cond`` where ``conditional_first_pass`` (default: everywhere but
+  on a CPU), and otherwise runs on every update, its results kept where they
+  are due (XLA's CPU backend runs backward convolutions inside a conditional
+  several times slower than outside one, so the pass costs less run than
+  skipped). ``new_perturbation=True`` / ``False`` builds a step that always /
+  never computes a new perturbation, with no conditional, for a caller that
+  picks one itself.
 
   Non-finite steps (``skip_nonfinite``): if the perturbation gradient, the
   final gradient, or the state the step would produce (parameters, optimizer
@@ -716,6 +825,10 @@ def make_train_step(
       step computes a new perturbation; True / False: this step always /
       never does (its ``tx`` perturbing every ``k > 1`` updates), and the
       caller runs the ``True`` step every k-th step.
+    conditional_first_pass: for the one-program form of a ``tx`` perturbing
+      every ``k > 1`` updates, put the first pass in a ``jax.lax.cond``
+      (True) or run it every update and keep its results where due
+      (False); None: False on a CPU, True elsewhere.
     skip_nonfinite: skip updates whose gradients or results are not finite.
     extra_metrics: per-example functions ``fn(logits, labels)`` reported as
       batch means under their names, computed from the first pass's logits
@@ -723,7 +836,8 @@ def make_train_step(
       ``{"aace_kl": aace_kl_divergence}``, the value the authors log.
 
   Returns:
-    A :class:`Step`, ``step(state, batch) -> (state, metrics)`` with
+    A :class:`Step` (compile it with :meth:`Step.jit`, ``jax.jit`` or a
+    parallel wrapper), ``step(state, batch) -> (state, metrics)`` with
     ``batch = {"image", "label"}`` (or ``logits_fn``'s). ``metrics`` holds
     float32 batch means (weighted, with ``logits_fn``'s weights):
 
@@ -771,6 +885,7 @@ def make_train_step(
   _checks.check_bool("make_train_step", "sync_perturbation", sync_perturbation)
   _checks.check_bool("make_train_step", "skip_nonfinite", skip_nonfinite)
   _checks.check_bool("make_train_step", "new_perturbation", new_perturbation, allow_none=True)
+  _checks.check_bool("make_train_step", "conditional_first_pass", conditional_first_pass, allow_none=True)
   _checks.check_positive_int("make_train_step", "grad_accum_steps", grad_accum_steps)
   _checks.check_fraction("make_train_step", "perturbation_batch_fraction", perturbation_batch_fraction)
   _checks.check_optional_str("make_train_step", "axis_name", axis_name)
@@ -789,10 +904,21 @@ def make_train_step(
     grad_accum_steps=grad_accum_steps,
     perturbation_batch_fraction=perturbation_batch_fraction,
     new_perturbation=new_perturbation,
+    conditional_first_pass=jax.default_backend() != "cpu" if conditional_first_pass is None else conditional_first_pass,
     skip_nonfinite=skip_nonfinite,
     extra_metrics=extra_metrics,
   )
-  return Step(functools.partial(_train_step, settings), axis_name=axis_name, returns_state=True)
+
+  def with_new_perturbation(due: bool) -> Step:
+    fixed = dataclasses.replace(settings, new_perturbation=due)
+    return Step(functools.partial(_train_step, fixed), axis_name=axis_name, returns_state=True)
+
+  return Step(
+    functools.partial(_train_step, settings),
+    axis_name=axis_name,
+    returns_state=True,
+    with_new_perturbation=with_new_perturbation if new_perturbation is None else None,
+  )
 
 
 def make_eval_step(

@@ -6,10 +6,14 @@
 All methods use the same model, batch, dtype and data; the step is the full
 jitted `aace_jax.make_train_step` with buffers donated. The cheaper steps:
 `aace_sam_k{2,4,8}` computes a new perturbation every k steps and reuses it
-between (`perturb_every=k`, the two compiled steps the trainer alternates),
+between (`perturb_every=k`, as `make_train_step(...).jit()` runs it: a
+`CompiledStep` of two programs, picked on the host, as the trainer does),
 `aace_sam_f{0.25,0.5}` takes the first pass on that part of the batch
-(`perturbation_batch_fraction`); `aace_sam_k4_cond` is `perturb_every=4` as
-one program whose first pass sits in a `jax.lax.cond` (the library's default);
+(`perturbation_batch_fraction`); `aace_sam_k4_jit` is `perturb_every=4` as
+`jax.jit(make_train_step(...))` compiles it, one program (on a CPU the first
+pass runs every step, its results kept where they are due);
+`aace_sam_k4_cond` is that one program with its first pass in a
+`jax.lax.cond` (`conditional_first_pass=True`, the default off the CPU);
 `aace_sam_unguarded` is AACE-SAM without the non-finite guard
 (`skip_nonfinite=False`). Reported: seconds per step, the median over
 the `--steps` rounds after two warm-up steps (compilation excluded) of the
@@ -42,6 +46,7 @@ METHODS = (
   "aace_sam_k2",
   "aace_sam_k4",
   "aace_sam_k8",
+  "aace_sam_k4_jit",
   "aace_sam_k4_cond",
   "aace_sam_f0.25",
   "aace_sam_f0.5",
@@ -98,7 +103,7 @@ def build_step(args, method):
   base = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(0.1, momentum=0.9))
   every, fraction = 1, 1.0
   if method.startswith("aace_sam_k"):
-    every = int(method.removeprefix("aace_sam_k").removesuffix("_cond"))
+    every = int(method.removeprefix("aace_sam_k").removesuffix("_cond").removesuffix("_jit"))
   elif method.startswith("aace_sam_f"):
     fraction = float(method.removeprefix("aace_sam_f"))
   tx, perturbation_loss = {
@@ -117,24 +122,18 @@ def build_step(args, method):
     params=variables["params"], model_state={"batch_stats": variables["batch_stats"]}, tx=tx, rng=jax.random.key(1)
   )
 
-  def compiled(new_perturbation=None):
-    step = aace_jax.make_train_step(
-      aace_jax.linen_apply_fn(model),
-      tx,
-      perturbation_loss=perturbation_loss,
-      perturbation_batch_fraction=fraction,
-      new_perturbation=new_perturbation,
-      skip_nonfinite=method != "aace_sam_unguarded",
-    )
-    return jax.jit(step, donate_argnums=0)
-
-  if every == 1:
-    cycle = (compiled(),)
-  elif method.endswith("_cond"):  # one program: its state's counter decides, on the device
-    cycle = (compiled(),) * every
-  else:
-    cycle = (compiled(True), *[compiled(False)] * (every - 1))
-  return cycle, state, batch
+  step = aace_jax.make_train_step(
+    aace_jax.linen_apply_fn(model),
+    tx,
+    perturbation_loss=perturbation_loss,
+    perturbation_batch_fraction=fraction,
+    conditional_first_pass=True if method.endswith("_cond") else None,
+    skip_nonfinite=method != "aace_sam_unguarded",
+  )
+  if every == 1 or method.endswith(("_cond", "_jit")):  # one program: its state's counter decides, on the device
+    return (jax.jit(step, donate_argnums=0),) * every, state, batch
+  # Two programs, picked on the host from the state's counter.
+  return (step.jit(donate_argnums=0),) * every, state, batch
 
 
 def time_methods(args) -> dict:
@@ -142,9 +141,16 @@ def time_methods(args) -> dict:
   import jax
   import numpy as np
 
+  import aace_jax
+
   runs = {method: build_step(args, method) for method in args.methods}
   # XLA compiles outside Python's lock: every program at once, and each call finds its executable compiled.
-  programs = {id(step): (step, state, batch) for cycle, state, batch in runs.values() for step in cycle}
+  programs = {
+    id(program): (program, state, batch)
+    for cycle, state, batch in runs.values()
+    for step in cycle
+    for program in ((step.program(True), step.program(False)) if isinstance(step, aace_jax.CompiledStep) else (step,))
+  }
   with concurrent.futures.ThreadPoolExecutor(min(len(programs), os.cpu_count() or 1)) as pool:
     list(pool.map(lambda program: program[0].lower(*program[1:]).compile(), programs.values()))
   states = {}

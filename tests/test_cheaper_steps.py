@@ -53,9 +53,11 @@ def reference_run(batch, steps, *, every, reuse, rho=0.2, fraction=1.0, aace=Tru
   return params
 
 
-def library_run(tx, batch, steps, *, perturbation_loss=aace_jax.aace_cross_entropy, host=False, **step_kwargs):
+def library_run(
+  tx, batch, steps, *, perturbation_loss=aace_jax.aace_cross_entropy, host=False, compiled=False, **step_kwargs
+):
   state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
-  if host:  # the trainer's form: two compiled steps chosen by the step number
+  if host:  # two compiled steps chosen by the step number, built by hand
     every = step_kwargs.pop("every")
     full, between = (
       jax.jit(aace_jax.make_train_step(mlp_apply, tx, perturbation_loss=perturbation_loss, new_perturbation=new))
@@ -66,7 +68,8 @@ def library_run(tx, batch, steps, *, perturbation_loss=aace_jax.aace_cross_entro
       state, m = (full if step % every == 0 else between)(state, batch)
       metrics.append(m)
     return state, metrics
-  step_fn = jax.jit(aace_jax.make_train_step(mlp_apply, tx, perturbation_loss=perturbation_loss, **step_kwargs))
+  step = aace_jax.make_train_step(mlp_apply, tx, perturbation_loss=perturbation_loss, **step_kwargs)
+  step_fn = step.jit() if compiled else jax.jit(step)  # a CompiledStep, or one program
   metrics = []
   for _ in range(steps):
     state, m = step_fn(state, batch)
@@ -74,14 +77,22 @@ def library_run(tx, batch, steps, *, perturbation_loss=aace_jax.aace_cross_entro
   return state, metrics
 
 
+FORMS = {
+  "one program, first pass selected": {},
+  "one program, first pass in a cond": {"conditional_first_pass": True},
+  "CompiledStep": {"compiled": True},
+  "by hand": {"host": True},
+}
+
+
 @pytest.mark.parametrize("every", [2, 3])
 @pytest.mark.parametrize("reuse", [True, False])
-@pytest.mark.parametrize("host", [False, True])
-def test_aace_sam_reuses_its_perturbation_or_takes_plain_steps_between(every, reuse, host):
+@pytest.mark.parametrize("form", list(FORMS))
+def test_aace_sam_reuses_its_perturbation_or_takes_plain_steps_between(every, reuse, form):
   batch = make_batch()
   tx = aace_jax.aace_sam(base(), 0.2, perturb_every=every, reuse_perturbation=reuse)
-  kwargs = {"every": every} if host else {}
-  state, metrics = library_run(tx, batch, 7, host=host, **kwargs)
+  kwargs = {**FORMS[form], **({"every": every} if form == "by hand" else {})}
+  state, metrics = library_run(tx, batch, 7, **kwargs)
   chex.assert_trees_all_close(state.params, reference_run(batch, 7, every=every, reuse=reuse), rtol=2e-5, atol=2e-6)
   norms = [float(m["perturbation_norm"]) for m in metrics]
   for step, norm in enumerate(norms):
@@ -124,14 +135,24 @@ def test_every_update_perturbing_is_the_transformation_of_before_bit_for_bit():
   assert len(jax.tree.leaves(sam_state)) == len(jax.tree.leaves(base().init(mlp_params()))) + 4
 
 
-def test_host_chosen_steps_equal_the_device_conditional():
+def test_every_form_of_the_cycle_gives_the_same_numbers():
   batch = make_batch()
   tx = aace_jax.aace_sam(base(), 0.2, perturb_every=3)
-  on_device, metrics_device = library_run(tx, batch, 7)
-  on_host, metrics_host = library_run(tx, batch, 7, host=True, every=3)
-  chex.assert_trees_all_close(without_keys(on_device), without_keys(on_host), rtol=1e-6, atol=1e-7)
-  for a, b in zip(metrics_device, metrics_host):
-    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-7)
+  runs = {
+    form: library_run(tx, batch, 7, **{**kwargs, **({"every": 3} if form == "by hand" else {})})
+    for form, kwargs in FORMS.items()
+  }
+  reference_state, reference_metrics = runs["one program, first pass in a cond"]
+  for state, metrics in runs.values():
+    chex.assert_trees_all_close(without_keys(state), without_keys(reference_state), rtol=1e-6, atol=1e-7)
+    for a, b in zip(metrics, reference_metrics):
+      chex.assert_trees_all_close(dict(a), dict(b), rtol=1e-5, atol=1e-7)
+  # A CompiledStep under jax.jit of its own caller is traced: one program, the same numbers.
+  step = jax.jit(aace_jax.make_train_step(mlp_apply, tx).jit())
+  state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
+  for _ in range(7):
+    state, _ = step(state, batch)
+  chex.assert_trees_all_close(without_keys(state), without_keys(reference_state), rtol=1e-6, atol=1e-7)
 
 
 def test_the_first_pass_does_not_run_between_perturbations():
@@ -143,12 +164,19 @@ def test_the_first_pass_does_not_run_between_perturbations():
 
   batch = make_batch()
   tx = aace_jax.aace_sam(base(), 0.2, perturb_every=4)
-  state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
-  step = jax.jit(aace_jax.make_train_step(counting_apply, tx))
-  for _ in range(8):
-    state, _ = step(state, batch)
-  jax.effects_barrier()
-  assert len(passes) == 2 * 2 + 6  # two passes on steps 0 and 4, one on the six between
+  for compile, expected in (
+    (lambda step: step.jit(), 2 * 2 + 6),  # two passes on steps 0 and 4, one on the six between
+    (lambda step: jax.jit(step), 2 * 2 + 6),  # conditional_first_pass=True: the same in one program
+    (lambda step: jax.jit(step), 2 * 8),  # one program on a CPU: the first pass runs on every update
+  ):
+    passes.clear()
+    conditional = None if expected == 2 * 8 else True
+    step = compile(aace_jax.make_train_step(counting_apply, tx, conditional_first_pass=conditional))
+    state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
+    for _ in range(8):
+      state, _ = step(state, batch)
+    jax.effects_barrier()
+    assert len(passes) == expected
 
   passes.clear()
   every_step = aace_jax.aace_sam(base(), 0.2)
@@ -194,10 +222,12 @@ def test_batchnorm_statistics_come_from_the_first_pass_examples_with_a_fraction(
   assert float(metrics["accuracy"]) * 8 == pytest.approx(round(float(metrics["accuracy"]) * 8))  # of 8 examples
 
 
-def test_resuming_in_the_middle_of_a_cycle_is_bit_identical():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_resuming_in_the_middle_of_a_cycle_is_bit_identical(compiled):
   batch = make_batch()
   tx = aace_jax.aace_sam(base(), 0.2, perturb_every=4)
-  step = jax.jit(aace_jax.make_train_step(mlp_apply, tx))
+  step = aace_jax.make_train_step(mlp_apply, tx)
+  step = step.jit() if compiled else jax.jit(step)
   state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
   straight = state
   for _ in range(6):
@@ -212,10 +242,12 @@ def test_resuming_in_the_middle_of_a_cycle_is_bit_identical():
   chex.assert_trees_all_equal(without_keys(straight), without_keys(restored))
 
 
-def test_a_skipped_step_changes_nothing_and_does_not_advance_the_cycle():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_skipped_step_changes_nothing_and_does_not_advance_the_cycle(compiled):
   batch = make_batch()
   tx = aace_jax.aace_sam(base(), 0.2, perturb_every=3)
-  step = jax.jit(aace_jax.make_train_step(mlp_apply, tx))
+  step = aace_jax.make_train_step(mlp_apply, tx)
+  step = step.jit() if compiled else jax.jit(step)
   state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
   state, _ = step(state, batch)
   bad = {**batch, "image": batch["image"].at[0, 0].set(jnp.nan)}

@@ -63,9 +63,34 @@ def test_the_site_builds_without_a_warning(tmp_path):
     timeout=600,
   )
   assert result.returncode == 0, result.stderr[-5000:]
+  # The plots of the docs are copied into the site and shown.
+  shown = {path.name for path in (tmp_path / "_images").glob("*")}
+  assert {pathlib.Path(target).name for name, target in IMAGES if name.startswith("docs/")} <= shown
+  assert "Where a run" in (tmp_path / "results.html").read_text()  # benchmarks/RESULTS.md, included
   api = (tmp_path / "api.html").read_text()
   for name in ("aace_sam", "make_train_step", "shard_step", "LossInputs", "nnx_sharpness_aware_grads"):
     assert f'id="aace_jax.{name}"' in api, name
+
+
+REPOSITORY_FILE_ADDRESS = re.compile(r"https://github\.com/aace-jax/aace-jax/(?:blob|raw|tree)/")
+IMAGES = [
+  (name, target) for name, text in DOCUMENTS.items() for target in re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", text)
+]
+
+
+def test_links_to_repository_files_are_relative_and_every_image_is_there():
+  """A checkout, a fork and the site show the same images and files: no address of this repository's files."""
+  absolute = [
+    (name, line)
+    for name, text in DOCUMENTS.items()
+    for line in text.splitlines()
+    if REPOSITORY_FILE_ADDRESS.search(line)
+  ]
+  assert not absolute
+  assert IMAGES
+  for name, target in IMAGES:
+    assert not target.startswith(("http://", "https://")), (name, target)
+    assert ((REPO / name).parent / target).is_file(), (name, target)
 
 
 def test_every_page_is_in_the_table_of_contents():

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -180,7 +181,12 @@ def noisy_config(**overrides):
 def test_a_noisy_run_resumes_with_the_same_labels_and_evaluates_the_test_split_when_due(tmp_path, capsys):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   train.train_and_evaluate(noisy_config(), straight)
-  first_line = capsys.readouterr().out.splitlines()[0]
+  output = capsys.readouterr().out.splitlines()
+  first_line = output[0]
+  # How long: once after the first steps, then after every epoch but the last.
+  assert len([line for line in output if line.startswith("estimated: about ")]) == 1
+  epochs = [line for line in output if line.startswith("epoch ")]
+  assert [bool(re.search(r"\| about [\d h]+(s|min) left$", line)) for line in epochs] == [True, True, True, False]
   train.train_and_evaluate(noisy_config(halt_after_epochs=2), resumed)
   train.train_and_evaluate(noisy_config(), resumed)
   assert_same_checkpoint(straight, resumed)

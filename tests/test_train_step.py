@@ -357,3 +357,25 @@ def test_extra_metrics_are_batch_means_on_the_first_pass_logits():
   assert float(metrics["picks_class_0"]) == float(np.mean(np.argmax(logits, -1) == 0))
   with pytest.raises(ValueError, match=r"extra_metrics may not reuse the names \['loss'\]"):
     aace_jax.make_train_step(mlp_apply, tx, extra_metrics={"loss": aace_jax.cross_entropy})
+
+
+def test_the_names_renamed_since_0_1_0_still_read_with_a_deprecation_warning():
+  from aace_jax import _sam
+  from aace_jax import _train_step
+
+  tx = aace_jax.aace_sam(optax.sgd(0.1), rho=0.2)
+  step = jax.jit(aace_jax.make_train_step(mlp_apply, tx))
+  state = aace_jax.TrainState.create(params=mlp_params(), tx=tx, rng=jax.random.key(0))
+  state, metrics = step(state, make_batch())
+  assert isinstance(metrics, dict) and set(metrics) == set(_train_step.STEP_METRICS) - {"learning_rate"}
+  for old, new in _train_step.RENAMED_METRICS.items():
+    with pytest.warns(DeprecationWarning, match=f"the step metric '{old}' is deprecated .* metrics\\['{new}'\\]"):
+      assert metrics[old] == metrics[new]
+  assert set(_sam.RENAMED_STATE_FIELDS) == {"perturbed_loss", "perturbed_grad_norm", "perturbation_grad_norm"}
+  for old, new in _sam.RENAMED_STATE_FIELDS.items():
+    with pytest.warns(DeprecationWarning, match=f"SAMState.{old} is deprecated .* read SAMState.{new}"):
+      assert getattr(state.opt_state, old) == getattr(state.opt_state, new)
+  with pytest.raises(KeyError):
+    metrics["no_such_metric"]
+  # Still a pytree of the same leaves: the host gets it back as it left the device.
+  assert jax.tree.leaves(jax.device_get(metrics)) == jax.tree.leaves(metrics)

@@ -109,3 +109,50 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step_and_resumes(tmp_p
   assert "finished: test accuracy" in resumed[0]
   assert_same_checkpoint(str(straight), str(preempted))
   assert [r["val_acc"] for r in read_csv(str(straight))] == [r["val_acc"] for r in read_csv(str(preempted))]
+
+
+def test_a_run_resumes_on_another_device_count_and_process_count(tmp_path):
+  """4 devices, then 2, then 1 (and 2 processes, then 1): the same epochs, steps and rows as one device.
+
+  A linear model has no BatchNorm, whose statistics are per device: what differs between device counts is then
+  only the order of the reductions, and the run ends where one device's ends to float32 rounding.
+  """
+  linear = ["--config.model=linear", "--config.num_epochs=3", "--config.halt_after_epochs=1"]
+  straight, resized, processes = tmp_path / "straight", tmp_path / "resized", tmp_path / "processes"
+  finish([launch(["--workdir", str(straight), *linear, "--config.halt_after_epochs=3"], devices=1)])
+  for devices in (4, 2, 1):
+    finish([launch(["--workdir", str(resized), *linear], devices=devices)])
+  port = free_port()
+  finish(
+    [
+      launch(
+        [
+          "--workdir",
+          str(processes),
+          *linear,
+          "--multihost",
+          f"--coordinator_address=127.0.0.1:{port}",
+          "--num_processes=2",
+          f"--process_id={i}",
+        ],
+        devices=1,
+      )
+      for i in range(2)
+    ]
+  )
+  for _ in range(2):
+    finish([launch(["--workdir", str(processes), *linear], devices=1)])
+  for workdir in (resized, processes):
+    rows = read_csv(str(workdir))
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2]  # no row lost or doubled
+    assert latest_checkpoint(str(workdir))[0] == 3 * (1438 // 64)
+    assert_same_checkpoint(str(straight), str(workdir), rtol=1e-4, atol=1e-6)
+    for row, expected in zip(rows, read_csv(str(straight))):
+      assert abs(float(row["val_acc"]) - float(expected["val_acc"])) <= 1 / 359  # one test image of 359
+  # A device count that does not divide the batch: one line, before anything is restored or written.
+  before = sorted(path.name for path in (resized / "checkpoints").iterdir())
+  result = launch(["--workdir", str(resized), *linear], devices=3)
+  _, errors = result.communicate(timeout=300)
+  assert result.returncode == 1
+  assert errors.strip().splitlines()[-1] == "error: Bad config: batch_size 64 is not divisible by the 3 devices."
+  assert sorted(path.name for path in (resized / "checkpoints").iterdir()) == before

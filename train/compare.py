@@ -26,7 +26,8 @@ The report (`train/compare_report.py`) is printed and written to
 
 Stopped at any point (Ctrl-C, SIGTERM), it checkpoints the runs in progress;
 the same command resumes them, and a later `--seeds 10` reuses the finished
-seeds of an earlier `--seeds 3` in the same workdir. On a CPU, `--jobs`
+seeds of an earlier `--seeds 3` in the same workdir; `--report_only` writes
+the report of the runs finished so far and trains nothing. On a CPU, `--jobs`
 (default: one per core) runs that many runs at once, each process on its
 own core with one XLA thread, which `benchmarks/run_time.py processes`
 measured faster than one process on every core; elsewhere it runs one at a
@@ -81,6 +82,7 @@ flags.DEFINE_list("baseline", None, "The --methods entries every other method is
 flags.DEFINE_integer(
   "jobs", None, "Runs at once, each in its own process on its own core; default: one per core on a CPU, else 1.", 1
 )
+flags.DEFINE_bool("report_only", False, "Report the runs finished so far in --workdir; train nothing.")
 flags.DEFINE_bool("worker", False, "Internal: run planned runs as one of --jobs processes, and report nothing.")
 
 
@@ -325,6 +327,11 @@ def main(argv):
     return
   workdir = FLAGS.workdir or os.path.join("runs", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
   runs = planned_runs(method_configs, workdir, FLAGS.seeds)
+  if FLAGS.report_only:
+    if not os.path.isdir(workdir):
+      sys.exit(f"error: --report_only: {workdir} holds no comparison")
+    report(runs, method_configs, workdir)
+    return
   jobs = 1 if FLAGS.worker else min(FLAGS.jobs or default_jobs(), len(runs))
   compilation_cache.enable(method_configs[0][2])
   try:

@@ -109,13 +109,14 @@ def paired_values(records: list, method: str, baseline: str, measure: str) -> tu
 
 
 def comparisons(records: list, methods: list, baselines: list) -> list[dict]:
-  """Every method against every baseline, for each measure that the runs have, with at least 2 paired seeds."""
+  """Every method against every baseline (once per pair), for each measure the runs have, with at least 2 paired
+  seeds."""
   results = []
   for measure in MEASURES:
-    for baseline in baselines:
+    for index, baseline in enumerate(baselines):
       for method in methods:
-        if method == baseline:
-          continue
+        if method == baseline or method in baselines[:index]:
+          continue  # itself, or a pair an earlier baseline's rows hold the other way round
         seeds, values, baseline_values = paired_values(records, method, baseline, measure)
         if len(seeds) < 2:
           continue
@@ -188,12 +189,16 @@ def markdown(dataset: str, config, records: list, methods: list, results: list) 
   """The report of one dataset's runs: the methods, then every comparison of each measure."""
   seeds = sorted({r.seed for r in records})
   noise = next((r.label_noise for r in records if r.label_noise), None)
-  noise_text = f"; {noise['kind']} label noise {noise['rate']:g} on the training and validation labels" if noise else ""
-  validation = f"; validation split {config.validation_examples}" if config.validation_examples else ""
-  seed_text = f"seeds {', '.join(map(str, seeds))}" if len(seeds) < 4 else f"seeds {seeds[0]}-{seeds[-1]}"
+  data = [f"{config.train_examples or 'all the'} training examples"]
+  if config.validation_examples:
+    data.append(f"a validation split of {config.validation_examples}")
+  if noise:
+    data.append(f"{noise['kind']} label noise {noise['rate']:g} on the training and validation labels")
+  consecutive = len(seeds) > 3 and seeds == list(range(seeds[0], seeds[-1] + 1))
+  seed_text = f"{seeds[0]}-{seeds[-1]}" if consecutive else ", ".join(map(str, seeds))
   lines = [
-    f"{config.model} on {dataset}, {config.num_epochs} epochs, {len(seeds)} {seed_text}"
-    f" ({config.train_examples or 'all'} training examples{validation}{noise_text})",
+    f"{config.model} on {dataset}, {config.num_epochs} epochs, {len(seeds)} seeds ({seed_text or 'none finished'});"
+    f" {', '.join(data)}",
     "",
     *method_table(records, methods),
     "",

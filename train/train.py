@@ -240,8 +240,9 @@ class Experiment(NamedTuple):
       the step that takes every pass of the method.
     train_step_at: ``(step number) ->`` the jitted step to run at that step:
       `train_step`, or with ``perturb_every=k > 1`` the one-pass step between
-      the k-th steps (two compiled steps chosen on the host, no conditional
-      on the device).
+      the k-th steps (the two programs of an ``aace_jax.CompiledStep``, as
+      the library runs them, chosen from the step number: no conditional on
+      the device).
     train_step_shapes: ``() ->`` the shapes, dtypes and shardings of
       `train_step`'s arguments, to compile it before the state exists.
     train_batches: ``(epoch, start_step) ->`` the batches to give `train_step`, on the devices.
@@ -358,28 +359,31 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
   batch_sharding, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
   eval_step = aace_jax.shard_step(aace_jax.make_eval_step(apply_fn, loss=method.loss, axis_name="data"), mesh)
 
-  def device_steps(new_perturbation):
-    train_step = aace_jax.make_train_step(
-      apply_fn,
-      method.tx,
-      perturbation_loss=method.perturbation_loss,
-      loss=method.loss,
-      axis_name="data",
-      sync_perturbation=config.sync_perturbation,
-      grad_accum_steps=config.grad_accum_steps,
-      perturbation_batch_fraction=config.perturbation_batch_fraction,
-      new_perturbation=new_perturbation,
-      extra_metrics=method.aace_metrics,
-    )
+  train_step = aace_jax.make_train_step(
+    apply_fn,
+    method.tx,
+    perturbation_loss=method.perturbation_loss,
+    loss=method.loss,
+    axis_name="data",
+    sync_perturbation=config.sync_perturbation,
+    grad_accum_steps=config.grad_accum_steps,
+    perturbation_batch_fraction=config.perturbation_batch_fraction,
+    extra_metrics=method.aace_metrics,
+  )
+
+  def device_steps(step: aace_jax.Step) -> tuple[Callable, Callable]:
     steps = make_device_steps(
-      aace_jax.shard_step(train_step, mesh), eval_step, data, seed=config.seed, batch_sharding=batch_sharding
+      aace_jax.shard_step(step, mesh), eval_step, data, seed=config.seed, batch_sharding=batch_sharding
     )
     host_fed_step, resident_step, normalized_eval_step = steps
     return (resident_step if config.data_on_device else host_fed_step), normalized_eval_step
 
+  # With perturb_every = k > 1, the library's two programs (a new perturbation, and the step between), picked on the
+  # host from the step number: no conditional on the device, no read of the counter.
+  programs = aace_jax.CompiledStep(train_step, lambda step: device_steps(step)[0])
   cycle = config.perturb_every if config.method != "sgd" else 1
-  train_step, normalized_eval_step = device_steps(True if cycle > 1 else None)
-  between_step = device_steps(False)[0] if cycle > 1 else None
+  step_at = lambda step_number: programs.program(step_number % cycle == 0 if cycle > 1 else None)
+  normalized_eval_step = device_steps(train_step)[1]
   inputs = device_resident_inputs(data, mesh) if config.data_on_device else host_fed_inputs(data, batch_sharding)
   init = state_initializer(model, method, data.spec.image_shape)
   init_key, state_key = jax.random.split(jax.random.key(config.seed))
@@ -395,8 +399,8 @@ def create_experiment(config: ml_collections.ConfigDict, data: Optional[input_pi
     state_shapes=state_shapes,
     init_state=lambda: aace_jax.replicate_on_mesh(models.run_init(init, init_key, state_key), mesh),
     totals=totals,
-    train_step=train_step,
-    train_step_at=lambda step_number: train_step if step_number % cycle == 0 else between_step,
+    train_step=step_at(0),
+    train_step_at=step_at,
     train_step_shapes=lambda: (state_shapes, totals, inputs.shapes()),
     train_batches=inputs.batches,
     eval_step=normalized_eval_step,
@@ -450,22 +454,52 @@ def evaluate_epoch(experiment: Experiment, state, epoch: int, config, rows: list
   return evaluations
 
 
-class RunClock:
-  """The run's wall time across resumptions, and the time from the invocation to its first step."""
+def duration(seconds: float) -> str:
+  """`seconds` for a person: "40 s", "12 min", "3 h 05 min"."""
+  if seconds < 90:
+    return f"{seconds:.0f} s"
+  minutes = round(seconds / 60)
+  return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
 
-  def __init__(self, invocation_start: float, rows: list[dict]):
+
+class RunClock:
+  """The run's wall time across resumptions, the time from the invocation to its first step, and the time left.
+
+  The time left is the time per step since the first step ended (the first
+  one holds the compile), evaluations included once an epoch has ended,
+  times the steps left.
+  """
+
+  def __init__(self, invocation_start: float, rows: list[dict], *, steps_left: int):
     self.invocation_start = invocation_start
     self.offset = max((row["wall_time"] for row in rows if np.isfinite(row["wall_time"])), default=0.0)
     self.start = time.time()
     self.first_step_seconds: Optional[float] = None
+    self.first_step_end: Optional[float] = None
+    self.steps_left, self.steps_run, self.estimated = steps_left, 0, False
 
-  def after_step(self, metrics, *, show: bool) -> None:
-    """Times the run's first step (waiting for it once) and says so."""
+  def after_step(self, metrics, *, show: bool, at_log_point: bool) -> None:
+    """Times the run's first step (waiting for it once) and says so; at the first log point after it, says how
+    long the run will take."""
+    self.steps_run += 1
+    self.steps_left -= 1
     if self.first_step_seconds is None:
       jax.block_until_ready(metrics)
-      self.first_step_seconds = time.time() - self.invocation_start
+      self.first_step_end = time.time()
+      self.first_step_seconds = self.first_step_end - self.invocation_start
       if show:
         tqdm.write(compilation_cache.first_step_message(self.first_step_seconds))
+    elif at_log_point and not self.estimated:
+      self.estimated = True
+      if show:
+        tqdm.write(
+          f"estimated: about {duration(self.time_left())} for the {self.steps_left} steps left"
+          f" ({(time.time() - self.first_step_end) / (self.steps_run - 1):.3g} s a step; evaluation not counted yet)"
+        )
+
+  def time_left(self) -> float:
+    """Seconds until the last step, at the time per step (and evaluation) measured since the first step."""
+    return (time.time() - self.first_step_end) / max(self.steps_run - 1, 1) * self.steps_left
 
   def wall_time(self) -> float:
     return self.offset + time.time() - self.start
@@ -511,13 +545,14 @@ class EpochLog:
     images_per_sec = self.steps_run * self.config.batch_size / self.train_seconds if self.steps_run else np.nan
     return epoch_row.row(self.epoch, totals, evaluations, images_per_sec=images_per_sec, wall_time=wall_time)
 
-  def report(self, row: dict) -> None:
+  def report(self, row: dict, time_left: Optional[float] = None) -> None:
     if self.show:
       validation = "" if np.isnan(row["holdout_acc"]) else f" | validation acc {row['holdout_acc']:.4f}"
       test = "" if np.isnan(row["val_acc"]) else f" | test loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
       tqdm.write(
         f"epoch {self.epoch + 1}/{self.config.num_epochs}: train loss {row['train_loss']:.4f}"
         f" acc {row['train_acc']:.4f}{validation}{test} | lr {row['lr']:.4g} | {row['images_per_sec']:.0f} img/s"
+        + ("" if time_left is None else f" | about {duration(time_left)} left")
       )
 
 
@@ -634,7 +669,7 @@ def train_loop(
     rows = checkpointing.history_rows(history, files.read())
     files.restore(rows)
     start_step = int(jax.device_get(state.step))
-    clock = RunClock(invocation_start, rows)
+    clock = RunClock(invocation_start, rows, steps_left=config.num_epochs * steps_per_epoch - start_step)
     last_row = rows[-1] if rows else None
     stopped_by = None
     halt_at = None if config.halt_after_epochs is None else start_step // steps_per_epoch + config.halt_after_epochs
@@ -649,8 +684,8 @@ def train_loop(
       log = EpochLog(epoch, first, config, steps_per_epoch, show=is_writer)
       for index, batch in enumerate(experiment.train_batches(epoch, first), start=first):
         state, totals, metrics = experiment.train_step_at(epoch * steps_per_epoch + index)(state, totals, batch)
-        clock.after_step(metrics, show=is_writer)
         latest = log.after_step(index, metrics, totals)
+        clock.after_step(metrics, show=is_writer, at_log_point=latest is not None)
         if latest is not None and latest["skip_streak"] >= config.max_consecutive_skips:
           checkpoints.save(state, totals, history)  # skipped steps left the state as it was: the last good one
           raise TrainingStopped(
@@ -668,7 +703,7 @@ def train_loop(
       evaluations = evaluate_epoch(experiment, state, epoch, config, files.rows)
       last_row = log.row(totals, evaluations, wall_time=clock.wall_time())
       history = record_epoch(files, checkpoints, history, state, totals, last_row)
-      log.report(last_row)
+      log.report(last_row, time_left=clock.time_left() if clock.steps_left else None)
       warning = breakdown_warning(last_row, config)
       if warning is not None and is_writer:
         tqdm.write(f"warning: {warning}")
