@@ -233,26 +233,9 @@ def seed_step(config, seeds: Optional[int], same_batch: bool):
 
 def timed_steps(variants: dict, rounds: int) -> dict:
   """Median seconds per step of each `(step, state, batch)`, warmed up, then timed round-robin."""
-  import jax
-
-  states = {}
-  for name, (step, state, batch) in variants.items():
-    for _ in range(2):
-      state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
-    states[name] = state
-
-  def one_step(name):
-    step, _, batch = variants[name]
-
-    def run(round_index):
-      del round_index
-      states[name], metrics = step(states[name], batch)
-      jax.block_until_ready((states[name], metrics))
-
-    return run
-
-  times = timing.round_robin({name: one_step(name) for name in variants}, rounds)
+  times, _ = timing.time_cycles(
+    {name: ((step,), state, batch) for name, (step, state, batch) in variants.items()}, rounds
+  )
   return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 

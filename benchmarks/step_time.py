@@ -153,24 +153,7 @@ def time_methods(args) -> dict:
   }
   with concurrent.futures.ThreadPoolExecutor(min(len(programs), os.cpu_count() or 1)) as pool:
     list(pool.map(lambda program: program[0].lower(*program[1:]).compile(), programs.values()))
-  states = {}
-  for method, (cycle, state, batch) in runs.items():
-    for step in (cycle * 2)[:2]:  # compile (both steps of a cycle) and warm up
-      state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
-    states[method] = state
-
-  def one_step(method):
-    cycle, _, batch = runs[method]
-
-    def run(round_index):
-      # A cycle's steps in order from its start: the warm-up took one or two.
-      states[method], metrics = cycle[(round_index + 2) % len(cycle)](states[method], batch)
-      jax.block_until_ready((states[method], metrics))
-
-    return run
-
-  times = timing.round_robin({method: one_step(method) for method in args.methods}, args.steps)
+  times, states = timing.time_cycles(runs, args.steps)
   device = jax.devices()[0]
   return {
     "backend": jax.default_backend(),

@@ -26,6 +26,35 @@ def round_robin(steps: dict[str, Callable[[int], None]], rounds: int) -> dict[st
   return times
 
 
+def time_cycles(runs: dict, rounds: int) -> tuple[dict[str, list[float]], dict]:
+  """`(seconds of each round, final states)` of every ``runs[name] = (cycle of steps, state, batch)``.
+
+  Each run takes two warm-up steps (compiling what is not compiled yet), then
+  the runs are timed round-robin (`round_robin`), each round running the
+  next step of the run's cycle and waiting for it.
+  """
+  import jax
+
+  states = {}
+  for name, (cycle, state, batch) in runs.items():
+    for step in (cycle * 2)[:2]:
+      state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    states[name] = state
+
+  def one_step(name):
+    cycle, _, batch = runs[name]
+
+    def run(round_index):
+      # A cycle's steps in order from its start: the warm-up took one or two.
+      states[name], metrics = cycle[(round_index + 2) % len(cycle)](states[name], batch)
+      jax.block_until_ready((states[name], metrics))
+
+    return run
+
+  return round_robin({name: one_step(name) for name in runs}, rounds), states
+
+
 def child_peak_bytes(script: str, arguments: list[str]) -> tuple[Optional[int], str]:
   """`(peak bytes or None, stderr)` of `python script arguments...`, whose last line is ``{"peak_bytes": ...}``.
 

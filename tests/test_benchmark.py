@@ -155,32 +155,24 @@ def test_the_old_optimizer_flag_still_names_the_method_with_a_warning():
       assert script.parse_args(["--optimizer", "asam"]).method == "asam"
 
 
-def test_a_runs_time_is_broken_down_and_vmapped_seeds_are_timed_per_seed():
-  script = SCRIPT.parent / "run_time.py"
+def run_time_report(mode: str, *arguments) -> dict:
+  """The JSON report of `benchmarks/run_time.py MODE` on the default config's SAM."""
   config = str(SCRIPT.parents[1] / "train" / "configs" / "default.py")
-  common = ["--config", config, "--method", "sam", "--json"]
-  result = subprocess.run(
-    [sys.executable, str(script), "breakdown", *common, "--epochs", "2", "--set", "test_every_epochs=2"],
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  command = [sys.executable, str(SCRIPT.parent / "run_time.py"), mode, "--config", config, "--method", "sam", "--json"]
+  result = subprocess.run([*command, *arguments], capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_runs_time_is_broken_down_and_vmapped_seeds_are_timed_per_seed():
+  report = run_time_report("breakdown", "--epochs", "2", "--set", "test_every_epochs=2")
   assert report["changes"] == ["test_every_epochs=2"] and report["steps"] == 2 * (1438 // 128)
   parts = report["seconds"]
   assert {"training steps after the first", "evaluation of the test split", "plots", "imports"} <= set(parts)
   # The parts are measured inside the run and add up to its whole time, "other" holding what none measured.
   assert sum(parts.values()) == pytest.approx(report["total_seconds"])
   assert all(seconds >= 0 for seconds in parts.values())
-  result = subprocess.run(
-    [sys.executable, str(script), "seeds", *common, "--seeds", "2", "--rounds", "2"],
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  report = run_time_report("seeds", "--seeds", "2", "--rounds", "2")
   per_step, per_seed = report["seconds_per_step"], report["seconds_per_seed_step"]
   assert set(per_step) == {"one seed", "2 seeds, same batch", "2 seeds, own batches"}
   assert per_seed["2 seeds, own batches"] == pytest.approx(per_step["2 seeds, own batches"] / 2)

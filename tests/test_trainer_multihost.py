@@ -45,26 +45,17 @@ def finish(procs):
   return [out for out, _ in outputs]
 
 
+def processes_of_one_run(workdir, *args, count: int = 2) -> list:
+  """`count` processes of one CPU device each, one run over jax.distributed (gloo) with a coordinator on loopback."""
+  port = free_port()
+  multihost = ["--multihost", f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={count}"]
+  return [launch(["--workdir", str(workdir), *args, *multihost, f"--process_id={i}"], devices=1) for i in range(count)]
+
+
 def test_two_processes_train_like_one(tmp_path):
   single, multi = tmp_path / "single", tmp_path / "multi"
   finish([launch(["--workdir", str(single)], devices=2)])
-  port = free_port()
-  outputs = finish(
-    [
-      launch(
-        [
-          "--workdir",
-          str(multi),
-          "--multihost",
-          f"--coordinator_address=127.0.0.1:{port}",
-          "--num_processes=2",
-          f"--process_id={i}",
-        ],
-        devices=1,
-      )
-      for i in range(2)
-    ]
-  )
+  outputs = finish(processes_of_one_run(multi))
   assert "finished: test accuracy" in outputs[0]
   assert "finished" not in outputs[1]  # only process 0 reports and writes
   assert len(read_csv(str(multi))) == 1
@@ -77,25 +68,8 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step_and_resumes(tmp_p
   """JAX's preemption service: SIGTERM to process 1 alone; both stop at one step, checkpoint, and resume."""
   straight, preempted = tmp_path / "straight", tmp_path / "preempted"
 
-  def two_processes(workdir, port):
-    return [
-      launch(
-        [
-          "--workdir",
-          str(workdir),
-          "--multihost",
-          f"--coordinator_address=127.0.0.1:{port}",
-          "--num_processes=2",
-          f"--process_id={i}",
-          "--config.num_epochs=2",
-        ],
-        devices=1,
-      )
-      for i in range(2)
-    ]
-
-  finish(two_processes(straight, free_port()))
-  procs = two_processes(preempted, free_port())
+  finish(processes_of_one_run(straight, "--config.num_epochs=2"))
+  procs = processes_of_one_run(preempted, "--config.num_epochs=2")
   for line in procs[0].stdout:
     if line.startswith("first step"):
       procs[1].send_signal(signal.SIGTERM)
@@ -105,7 +79,7 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step_and_resumes(tmp_p
   step = int(outputs[0].split("stopped by SIGTERM at step ")[1].split(",")[0])
   assert 0 < step < 2 * (1438 // 64)
   assert latest_checkpoint(str(preempted))[0] == step  # written by both processes, at the agreed step
-  resumed = finish(two_processes(preempted, free_port()))
+  resumed = finish(processes_of_one_run(preempted, "--config.num_epochs=2"))
   assert "finished: test accuracy" in resumed[0]
   assert_same_checkpoint(str(straight), str(preempted))
   assert [r["val_acc"] for r in read_csv(str(straight))] == [r["val_acc"] for r in read_csv(str(preempted))]
@@ -122,26 +96,8 @@ def test_a_run_resumes_on_another_device_count_and_process_count(tmp_path):
   finish([launch(["--workdir", str(straight), *linear, "--config.halt_after_epochs=3"], devices=1)])
   for devices in (4, 2, 1):
     finish([launch(["--workdir", str(resized), *linear], devices=devices)])
-  port = free_port()
-  finish(
-    [
-      launch(
-        [
-          "--workdir",
-          str(processes),
-          *linear,
-          "--multihost",
-          f"--coordinator_address=127.0.0.1:{port}",
-          "--num_processes=2",
-          f"--process_id={i}",
-        ],
-        devices=1,
-      )
-      for i in range(2)
-    ]
-  )
-  for _ in range(2):
-    finish([launch(["--workdir", str(processes), *linear], devices=1)])
+  finish(processes_of_one_run(processes, *linear))
+  finish([launch(["--workdir", str(processes), *linear, "--config.halt_after_epochs=2"], devices=1)])
   for workdir in (resized, processes):
     rows = read_csv(str(workdir))
     assert [int(row["epoch"]) for row in rows] == [0, 1, 2]  # no row lost or doubled

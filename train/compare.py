@@ -305,9 +305,9 @@ def report(runs: list[PlannedRun], method_configs: list, workdir: str) -> None:
   run_files.atomic_write(os.path.join(workdir, "compare.json"), compare_report.summary_json(records, results))
   run_files.atomic_write(os.path.join(workdir, "compare.csv"), compare_report.epoch_csv(records))
   print(text)
-  print(
-    f"report: {os.path.abspath(os.path.join(workdir, 'compare.md'))}; compare.json, compare.csv and plots beside it"
-  )
+  plots = "the plot" if len(datasets) == 1 else "the plots"
+  where = os.path.abspath(os.path.join(workdir, "compare.md"))
+  print(f"report: {where}; compare.json, compare.csv and {plots} beside it")
 
 
 def main(argv):
