@@ -88,6 +88,7 @@ SIZES = {
     "epochs": 3,
     "first_step": [("pyramidnet272", 64), ("wrn28_10_authors", 256)],
     "seeds": "2,4,8",
+    "seeds_config": "train/configs/label_noise.py:0.4",
   },
   "smoke": {
     "model": "small_cnn",
@@ -99,6 +100,7 @@ SIZES = {
     "epochs": 2,
     "first_step": [("small_cnn", 8)],
     "seeds": "2",
+    "seeds_config": "train/configs/default.py",
   },
 }
 
@@ -392,7 +394,7 @@ def measure(args) -> dict:
       run.part("vs_pytorch", run.child([*command, "--steps", str(min(sizes["steps"], 10)), "--json"], needs=90))
     else:
       run.part("vs_pytorch", {"status": "skipped", "reason": "torch is not importable here (pip install torch)"})
-    command = [str(HERE / "run_time.py"), "seeds", "--config", str(HERE.parent / "train/configs/label_noise.py:0.4")]
+    command = [str(HERE / "run_time.py"), "seeds", "--config", str(HERE.parent / sizes["seeds_config"])]
     command += ["--method", "sam", "--seeds", sizes["seeds"], "--rounds", str(sizes["steps"]), "--json"]
     run.part("seeds", run.child(command, needs=60))
     run.report["finished"] = True
@@ -527,9 +529,11 @@ def vs_pytorch_markdown(part: dict) -> list:
 
 
 def seeds_markdown(part: dict) -> list:
-  lines = ["### Seeds in one program (`jax.vmap`), SAM, the label-noise comparison's network", ""]
+  lines = ["### Seeds in one program (`jax.vmap`), SAM", ""]
   if part.get("status") != "ok":
     return lines + [not_measured(part), ""]
+  config = os.path.relpath(part["config"], HERE.parent) if os.path.isabs(part["config"]) else part["config"]
+  lines += [f"The network and batch of `{config}`.", ""]
   one = part["seconds_per_seed_step"]["one seed"]
   lines += ["| variant | s/step | s/step per seed | per seed x one seed |", "| --- | --- | --- | --- |"]
   for name, seconds in part["seconds_per_step"].items():

@@ -1,5 +1,6 @@
 """What several test modules share: small models and problems, hand-driven steps, trainer runs and checkpoints."""
 
+import atexit
 import csv
 import importlib.util
 import os
@@ -8,6 +9,7 @@ import shlex
 import shutil
 import socket
 import sys
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -175,7 +177,11 @@ def free_port() -> int:
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # train/main.py's runs in a subprocess: the digits, 3 epochs of batch 32, no compilation cache.
-ARGS = ["--config.num_epochs=3", "--config.batch_size=32", "--config.compilation_cache=False"]
+# The trainers these tests launch share one compilation cache, made for this session: a launch after the first
+# loads its compiled steps (the same programs, so the same numbers) instead of compiling them again.
+XLA_CACHE = tempfile.mkdtemp(prefix="aace_jax_tests_xla_")
+atexit.register(shutil.rmtree, XLA_CACHE, ignore_errors=True)
+ARGS = ["--config.num_epochs=3", "--config.batch_size=32", f"--config.compilation_cache_dir={XLA_CACHE}"]
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 STEPS_PER_EPOCH = 1438 // 32
 
@@ -212,14 +218,14 @@ def read_csv(workdir):
 
 
 def latest_checkpoint(workdir):
-  """The newest checkpoint as host arrays, whatever device layout wrote it."""
+  """The newest checkpoint as NumPy arrays of the stored dtypes (float64 history included), whatever device
+  layout wrote it."""
   manager = ocp.CheckpointManager(
     os.path.abspath(os.path.join(workdir, "checkpoints")), item_handlers=ocp.StandardCheckpointHandler()
   )
   step = manager.latest_step()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), manager.item_metadata(step))
-  tree = jax.device_get(manager.restore(step, args=ocp.args.StandardRestore(target)))
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), manager.item_metadata(step))
+  tree = manager.restore(step, args=ocp.args.StandardRestore(target))
   manager.close()
   return step, tree
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from tests.helpers import XLA_CACHE
 from train import compare_report
 from train import paired_comparison
 
@@ -105,7 +106,7 @@ def compare_command(workdir, seeds, *extra):
     "--config.validation_examples=200",
     "--config.label_noise=0.3",
     "--config.augment=flip_cutout",
-    "--config.compilation_cache=False",
+    f"--config.compilation_cache_dir={XLA_CACHE}",
     *extra,
   ]
 
@@ -145,7 +146,7 @@ def test_paired_runs_files_to_recompute_every_number_and_more_seeds_later(tmp_pa
 
 
 def test_a_stopped_comparison_resumes_where_it_stopped(tmp_path):
-  command = compare_command(tmp_path, 2, "--jobs=2", "--config.num_epochs=6")
+  command = compare_command(tmp_path, 2, "--jobs=2", "--config.num_epochs=4")
   process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while not list(tmp_path.glob("*/metrics.csv")) and time.time() < deadline:
@@ -153,13 +154,13 @@ def test_a_stopped_comparison_resumes_where_it_stopped(tmp_path):
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=300)
   assert process.returncode == 1 and "rerun the same command to resume" in stderr.strip().splitlines()[-1], stderr
-  finished = [p for p in tmp_path.glob("*-seed*/metrics.csv") if len(list(csv.DictReader(open(p)))) == 6]
+  finished = [p for p in tmp_path.glob("*-seed*/metrics.csv") if len(list(csv.DictReader(open(p)))) == 4]
   assert len(finished) < 4  # it did stop in the middle
   result = subprocess.run(command, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   for run in tmp_path.glob("*-seed*"):
     with open(run / "metrics.csv", newline="") as f:
-      assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(6))
+      assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(4))
     assert not (run / "claim").exists()
   assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
+import types
 
 import jax
 import numpy as np
@@ -32,20 +32,24 @@ CONTEND = textwrap.dedent("""
   import os, sys, time
   sys.path.insert(0, {repo!r})
   from train import run_files
-  workdir_path, go = sys.argv[1], sys.argv[2]
-  lock = run_files.WorkdirLock(workdir_path)
-  while not os.path.exists(go):  # released together
-    time.sleep(0.0005)
-  try:
-    lock.acquire()
-  except run_files.WorkdirBusy:
-    print("busy")
-  except Exception as error:
-    print(type(error).__name__, error)
-  else:
-    print("held", flush=True)
-    time.sleep(1.5)  # held while the others try (a loaded machine may start one late)
-    lock.release()
+  root, trials = sys.argv[1], int(sys.argv[2])
+  def wait_for(path):
+    while not os.path.exists(path):
+      time.sleep(0.0005)
+  for trial in range(trials):  # one process per contender for every trial: jax is imported once
+    lock = run_files.WorkdirLock(os.path.join(root, str(trial)))
+    wait_for(os.path.join(root, f"go{{trial}}"))  # released together
+    try:
+      lock.acquire()
+    except run_files.WorkdirBusy:
+      print("busy", flush=True)
+    except Exception as error:
+      print(type(error).__name__, error, flush=True)
+    else:
+      print("held", flush=True)
+      wait_for(os.path.join(root, f"release{{trial}}"))  # held until every other contender has tried
+      lock.release()
+      print("released", flush=True)
 """).format(repo=str(REPO))
 
 
@@ -75,23 +79,28 @@ def test_a_second_run_on_a_held_workdir_is_refused_and_a_stale_lock_is_taken(tmp
 
 
 def test_simultaneous_takeovers_of_a_stale_lock_leave_exactly_one_holder(tmp_path):
-  contenders = 8
-  for trial in range(20):
-    workdir = tmp_path / str(trial)
-    workdir.mkdir()
+  contenders, trials = 8, 20
+  for trial in range(trials):
+    (tmp_path / str(trial)).mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (workdir / "lock").write_text(f'{{"host": "{os.uname().nodename}", "pid": {dead.pid}}}')
-    go = tmp_path / f"go{trial}"
-    processes = [
-      subprocess.Popen([sys.executable, "-c", CONTEND, str(workdir), str(go)], stdout=subprocess.PIPE, text=True)
-      for _ in range(contenders)
-    ]
-    time.sleep(0.5)  # every contender waiting
-    go.touch()
-    outcomes = sorted(process.communicate(timeout=60)[0].strip() for process in processes)
-    assert outcomes == ["busy"] * (contenders - 1) + ["held"], (trial, outcomes)
-    assert not (workdir / "lock").exists()
+    (tmp_path / str(trial) / "lock").write_text(f'{{"host": "{os.uname().nodename}", "pid": {dead.pid}}}')
+  processes = [
+    subprocess.Popen([sys.executable, "-c", CONTEND, str(tmp_path), str(trials)], stdout=subprocess.PIPE, text=True)
+    for _ in range(contenders)
+  ]
+  try:
+    for trial in range(trials):
+      (tmp_path / f"go{trial}").touch()
+      outcomes = [process.stdout.readline().strip() for process in processes]
+      assert sorted(outcomes) == ["busy"] * (contenders - 1) + ["held"], (trial, outcomes)
+      (tmp_path / f"release{trial}").touch()
+      assert processes[outcomes.index("held")].stdout.readline().strip() == "released"
+      assert not (tmp_path / str(trial) / "lock").exists()
+  finally:
+    for process in processes:
+      process.kill()
+      process.wait()
 
 
 @pytest.mark.parametrize(
@@ -270,6 +279,17 @@ def test_a_workdir_made_read_only_mid_run_is_one_short_error_and_no_hang(tmp_pat
   assert lines[-1].startswith("error: writing a checkpoint (at step"), lines[-1]
   saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
   assert lines[-1].endswith(f"the last checkpoint written whole is step {saved[-1]}."), lines[-1]
+
+
+def test_only_the_closed_event_loop_reports_of_abandoned_writes_are_dropped(tmp_path, monkeypatch):
+  reported = []
+  monkeypatch.setattr(sys, "unraisablehook", reported.append)
+  checkpointing.Checkpoints(str(tmp_path / "checkpoints"), max_to_keep=2).close()
+  closed_loop = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(exc_value=RuntimeError("a callback failed"))
+  sys.unraisablehook(closed_loop)
+  sys.unraisablehook(other)
+  assert reported == [other]
 
 
 def test_a_metrics_csv_that_cannot_be_written_is_one_line_naming_it_and_the_checkpoint(tmp_path):

@@ -14,6 +14,7 @@ not finite, unreadable or inconsistent is skipped for the previous one.
 
 import logging as logging_module
 import os
+import sys
 import warnings
 from typing import Optional
 
@@ -45,6 +46,24 @@ class _OrbaxWriteErrors(logging_module.Filter):
 
 
 logging.get_absl_logger().addFilter(_OrbaxWriteErrors())
+
+
+def _drop_reports_of_abandoned_writes() -> None:
+  """Once a background write fails, tensorstore's callbacks for the checkpoint's other files find orbax's event
+  loop closed and report it as unraisable, a traceback per file, before the next save or wait raises the
+  failure as one `CheckpointWriteError`; those reports are dropped (every other unraisable exception still
+  reaches the previous hook)."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_event_loop", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.drops_closed_event_loop = True
+  sys.unraisablehook = hook
 
 
 def empty_history(num_epochs: int) -> np.ndarray:
@@ -133,6 +152,7 @@ class Checkpoints:
     )
     self.directory = directory
     self.last_saved = max(self.manager.all_steps(), default=None)
+    _drop_reports_of_abandoned_writes()
 
   def save(self, state: aace_jax.TrainState, totals: dict, history: np.ndarray) -> None:
     """Starts writing a checkpoint of a finite state; the loop goes on while it is written."""

@@ -497,8 +497,11 @@ class RunClock:
           f" ({(time.time() - self.first_step_end) / (self.steps_run - 1):.3g} s a step; evaluation not counted yet)"
         )
 
-  def time_left(self) -> float:
-    """Seconds until the last step, at the time per step (and evaluation) measured since the first step."""
+  def time_left(self) -> Optional[float]:
+    """Seconds until the last step, at the time per step (and evaluation) measured since the first step; None
+    while this invocation has timed no step (a resumed run that only evaluates an ended epoch)."""
+    if self.first_step_end is None:
+      return None
     return (time.time() - self.first_step_end) / max(self.steps_run - 1, 1) * self.steps_left
 
   def wall_time(self) -> float:
