@@ -35,9 +35,10 @@ def test_the_files_are_the_whole_dataset():
 
 
 def test_the_comparison_config_learns_the_real_data(tmp_path):
-  """AACE-SAM in the comparison's regime, 3 of its 20 epochs on the 5,000-image subset: about a minute on 2 cores."""
+  """AACE-SAM in the comparison's regime, 2 of its 20 epochs (the schedule compressed to them) on the 5,000-image
+  subset: half a minute on 2 cores, 81.9% test accuracy here."""
   config = fashion_mnist.get_config("memorize")
-  config.num_epochs = 3
+  config.num_epochs = 2
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["finished"]
   assert result["val_acc"] > 0.80, result
