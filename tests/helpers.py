@@ -176,7 +176,7 @@ def free_port() -> int:
 # ---------------------------------------------------------------------------
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# train/main.py's runs in a subprocess: the digits, 3 epochs of batch 32, no compilation cache.
+# train/main.py's runs in a subprocess: the digits, 3 epochs of batch 32.
 # The trainers these tests launch share one compilation cache, made for this session: a launch after the first
 # loads its compiled steps (the same programs, so the same numbers) instead of compiling them again.
 XLA_CACHE = tempfile.mkdtemp(prefix="aace_jax_tests_xla_")
